@@ -1,0 +1,473 @@
+"""The config: one YAML per data set, loaded strictly into frozen dataclasses.
+
+A locked config turns every unknown key, wrong type or out-of-range value into a
+:class:`ConfigError` that names the file, the dotted key and the value, before Ray starts.
+``TrainConfig`` is flat on purpose: its field names are the search keys, the ``--set`` keys and
+the MLflow param names, so no mapping layer sits between them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+
+import yaml
+
+from flyp_ray.errors import ConfigError
+
+Method = Literal["zeroshot", "lp", "ce", "lpft", "flyp"]
+Precision = Literal["fp32", "bf16", "fp16"]
+SameClass = Literal["negative", "mask", "positive"]
+DatasetName = Literal["iwildcam", "fmow", "camelyon17", "csv", "synthetic"]
+ParamType = Literal["float", "int", "categorical"]
+SchedulerType = Literal["none", "asha", "hyperband"]
+SamplerType = Literal["tpe", "random", "cmaes", "nsga2", "gp"]
+Mode = Literal["max", "min"]
+
+SPLITS = ("train", "id_val", "id_test", "ood_val", "ood_test")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything one trial's training depends on; each field is searchable."""
+
+    method: Method = "flyp"  # flyp | ce | lp | lpft | zeroshot: all share one loop
+    epochs: int = 10  # an epoch is one pass over the training images
+    batch_size: int = 256  # global batch over all workers of a trial
+    lr: float = 1.0e-5  # peak learning rate, reached after warm-up
+    weight_decay: float = 0.1  # AdamW; never applied to gains, biases or the logit scale
+    temperature: float | None = None  # None keeps the pretrained logit scale; else 1/logit_scale
+    learn_temperature: bool = True  # CLIP learns its temperature; FLYP keeps doing so
+    warmup_steps: int = 500  # linear warm-up in optimizer steps
+    min_lr: float = 0.0  # floor of the cosine schedule (a floor, not an offset)
+    grad_clip: float | None = None  # max global gradient norm; None: no clipping
+    precision: Precision = "fp32"  # autocast dtype; fp16 also scales the loss
+    seed: int = 0  # seeds torch, numpy, Python, the sampler and the prompt draw
+    same_class: SameClass = "negative"  # same-class pairs in a batch: FLYP treats them as negatives
+    local_loss: bool = False  # each worker scores only its own rows (faster, same gradients)
+    eval_batch_size: int = 256  # per worker, for evaluation and the zero-shot head
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetConfig:
+    """Where the images are and how their classes are worded."""
+
+    name: DatasetName = "synthetic"
+    root: str | None = None  # WILDS root_dir or the folder of a csv data set
+    templates: str | list[str] | None = None  # a built-in set name or strings with "{}"
+    classnames: str | None = None  # a file with one class name per line, overriding built-ins
+    metadata: str = "metadata.csv"  # csv data sets: filepath,label,split[,group], relative to root
+    download: bool = False  # WILDS only; never on unless asked
+    subsample: int | None = None  # at most this many images per split (quick runs, tests)
+    loader_workers: int = 0  # DataLoader worker processes per Ray worker
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """An open_clip model: a registered name or a model-config JSON, and its weights."""
+
+    arch: str = "ViT-B-16"  # open_clip name, or a path to an open_clip model-config JSON
+    pretrained: str | None = "openai"  # open_clip tag, checkpoint file, hf-hub:org/name, or null
+
+
+@dataclasses.dataclass(frozen=True)
+class ResourcesConfig:
+    """The Ray Train worker group of one trial."""
+
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0  # fractional CPUs are fine on a small machine
+    max_failures: int = 2  # worker-group restarts from the last checkpoint before giving up
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    """One dimension of a search space, in Optuna's terms."""
+
+    type: ParamType
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: list[Any] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    """Early stopping of trials, with ``epoch`` as the time attribute."""
+
+    type: SchedulerType = "asha"
+    grace_period: int = 1
+    reduction_factor: int = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchConfig:
+    """The Ray Tune + Optuna search over TrainConfig fields."""
+
+    metric: str | list[str] = "id_val/acc"  # FLYP selects on ID validation
+    mode: Mode | list[Mode] = "max"
+    num_samples: int = 8
+    max_concurrent_trials: int = 1
+    sampler: SamplerType = "tpe"
+    seed: int = 0
+    warm_start: bool = False  # enqueue the best configs found so far as first points
+    scheduler: SchedulerConfig = dataclasses.field(default_factory=SchedulerConfig)
+    space: dict[str, ParamSpec] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrackingConfig:
+    """Where runs, metrics and models go."""
+
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = "flyp-ray"
+    registered_model: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One data set's whole config file."""
+
+    dataset: DatasetConfig = dataclasses.field(default_factory=DatasetConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    resources: ResourcesConfig = dataclasses.field(default_factory=ResourcesConfig)
+    search: SearchConfig = dataclasses.field(default_factory=SearchConfig)
+    tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
+    storage: str = "~/flyp_ray_results"  # Ray storage_path: a shared folder or s3:// on a cluster
+    source: str = "<config>"  # the file it came from, for messages; not a YAML key
+
+
+# --- YAML ----------------------------------------------------------------------------------
+
+
+class _Loader(yaml.SafeLoader):
+    """A SafeLoader that reads ``1e-5`` as a float, as YAML 1.2 does.
+
+    PyYAML follows YAML 1.1, where a float needs a dot: ``1e-5`` would arrive as a string and a
+    later comparison would compare strings. Resolving it here fixes the config and ``--set``.
+    """
+
+
+_FLOAT = re.compile(
+    r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+][0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""",
+    re.X,
+)
+_Loader.yaml_implicit_resolvers = {
+    key: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:float"]
+    for key, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """Parse YAML text with the number rules above; a syntax error names the file and line."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else "?"
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(source, "", f"malformed YAML at {where}: {problem}") from None
+
+
+# --- strict construction -------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, str):
+        return f"the string {value!r}"
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _coerce(value: Any, hint: Any, source: str, key: str) -> Any:
+    """Check ``value`` against a type hint, converting only where no meaning can be lost."""
+    origin = get_origin(hint)
+    if origin in (Union, types.UnionType):
+        options = get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _coerce(value, option, source, key)
+            except ConfigError as err:
+                errors.append(err.problem)
+        raise ConfigError(source, key, errors[-1] if len(errors) == 1 else _mismatch(value, hint))
+    if origin is Literal:
+        if value not in get_args(hint):
+            allowed = " | ".join(str(a) for a in get_args(hint))
+            raise ConfigError(source, key, f"must be one of {allowed}, got {value!r}")
+        return value
+    if origin in (list, Sequence):
+        if not isinstance(value, list):
+            raise ConfigError(source, key, f"expected a list, got {_describe(value)}")
+        (item,) = get_args(hint) or (Any,)
+        return [_coerce(v, item, source, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (dict, Mapping):
+        if not isinstance(value, dict):
+            raise ConfigError(source, key, f"expected a mapping, got {_describe(value)}")
+        _, item = get_args(hint)
+        return {str(k): _coerce(v, item, source, f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value, source, key)  # type: ignore[arg-type]
+    return _scalar(value, hint, source, key)
+
+
+def _mismatch(value: Any, hint: Any) -> str:
+    names = [getattr(a, "__name__", str(a)) for a in get_args(hint)]
+    return f"expected {' or '.join(n.replace('NoneType', 'null') for n in names)}, got {_describe(value)}"
+
+
+def _scalar(value: Any, hint: Any, source: str, key: str) -> Any:
+    if hint is Any:
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(source, key, f"expected true or false, got {_describe(value)}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(source, key, f"expected an integer, got {_describe(value)}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            hint_text = " (write it without quotes)" if _looks_numeric(value) else ""
+            raise ConfigError(source, key, f"expected a number, got {_describe(value)}{hint_text}")
+        if not math.isfinite(value):
+            raise ConfigError(source, key, f"must be finite, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(source, key, f"expected a string, got {_describe(value)}")
+        return value
+    raise TypeError(f"unsupported config type {hint!r}")  # a bug in this module, not user input
+
+
+def _looks_numeric(value: Any) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return isinstance(value, str)
+
+
+def build(cls: type[T], raw: Any, source: str, prefix: str = "") -> T:
+    """Build dataclass ``cls`` from a mapping, refusing unknown keys and wrong types."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(source, prefix or "<top>", f"expected a mapping, got {_describe(raw)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    for key in raw:
+        if key not in fields or key == "source":
+            known = ", ".join(sorted(fields - {"source"}))
+            raise ConfigError(source, _join(prefix, str(key)), f"unknown key (known: {known})")
+    values = {k: _coerce(v, hints[k], source, _join(prefix, k)) for k, v in raw.items()}
+    return cls(**values)
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+# --- range checks --------------------------------------------------------------------------
+
+
+def _check(ok: bool, source: str, key: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise ConfigError(source, key, f"{rule}, got {value!r}")
+
+
+def check_train(train: TrainConfig, source: str, prefix: str = "train") -> None:
+    """Range checks for a TrainConfig (types are already right)."""
+    k = lambda name: _join(prefix, name)  # noqa: E731 - a local shorthand
+    _check(train.epochs >= (0 if train.method == "zeroshot" else 1), source, k("epochs"),
+           train.epochs, "must be >= 1")
+    _check(train.batch_size >= 1, source, k("batch_size"), train.batch_size, "must be >= 1")
+    _check(train.eval_batch_size >= 1, source, k("eval_batch_size"), train.eval_batch_size,
+           "must be >= 1")
+    _check(train.lr > 0, source, k("lr"), train.lr, "must be > 0")
+    _check(train.weight_decay >= 0, source, k("weight_decay"), train.weight_decay, "must be >= 0")
+    _check(train.warmup_steps >= 0, source, k("warmup_steps"), train.warmup_steps, "must be >= 0")
+    _check(0 <= train.min_lr <= train.lr, source, k("min_lr"), train.min_lr,
+           f"must be between 0 and lr ({train.lr})")
+    if train.temperature is not None:
+        # CLIP clamps its logit scale at 100, so a temperature under 0.01 could never be reached.
+        _check(0.01 <= train.temperature <= 10, source, k("temperature"), train.temperature,
+               "must be between 0.01 and 10 (CLIP caps the logit scale at 100)")
+    if train.grad_clip is not None:
+        _check(train.grad_clip > 0, source, k("grad_clip"), train.grad_clip, "must be > 0")
+
+
+def _check_space(search: SearchConfig, source: str) -> None:
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    for name, spec in search.space.items():
+        key = f"search.space.{name}"
+        if name not in train_fields:
+            raise ConfigError(source, key, f"not a train field (searchable: {', '.join(sorted(train_fields))})")
+        if spec.type == "categorical":
+            _check(bool(spec.choices), source, f"{key}.choices", spec.choices, "needs a non-empty list")
+            continue
+        _check(spec.low is not None and spec.high is not None, source, key, dataclasses.asdict(spec),
+               "needs low and high")
+        assert spec.low is not None and spec.high is not None  # for the type checker
+        _check(spec.low < spec.high, source, f"{key}.low", spec.low, f"must be < high ({spec.high})")
+        if spec.log:
+            _check(spec.low > 0, source, f"{key}.low", spec.low, "must be > 0 with log: true")
+        if spec.type == "int":
+            for end in ("low", "high"):
+                v = getattr(spec, end)
+                _check(float(v).is_integer(), source, f"{key}.{end}", v, "must be a whole number")
+
+
+def check_search(search: SearchConfig, source: str) -> None:
+    """Range checks of the search section."""
+    metrics = search.metric if isinstance(search.metric, list) else [search.metric]
+    modes = search.mode if isinstance(search.mode, list) else [search.mode]
+    _check(len(metrics) == len(modes), source, "search.mode", search.mode,
+           f"needs one mode per metric ({len(metrics)})")
+    for i, m in enumerate(metrics):
+        _check("/" in m, source, "search.metric", m, "must be a metric name like id_val/acc")
+        del i
+    _check(search.num_samples >= 1, source, "search.num_samples", search.num_samples, "must be >= 1")
+    _check(search.max_concurrent_trials >= 1, source, "search.max_concurrent_trials",
+           search.max_concurrent_trials, "must be >= 1")
+    _check(search.scheduler.grace_period >= 1, source, "search.scheduler.grace_period",
+           search.scheduler.grace_period, "must be >= 1")
+    _check(search.scheduler.reduction_factor >= 2, source, "search.scheduler.reduction_factor",
+           search.scheduler.reduction_factor, "must be >= 2")
+    _check_space(search, source)
+
+
+def check(cfg: Config) -> Config:
+    """All range checks; returns ``cfg`` so that calls chain."""
+    src = cfg.source
+    check_train(cfg.train, src)
+    r = cfg.resources
+    _check(r.workers >= 1, src, "resources.workers", r.workers, "must be >= 1")
+    _check(r.cpus_per_worker > 0, src, "resources.cpus_per_worker", r.cpus_per_worker, "must be > 0")
+    _check(r.gpus_per_worker >= 0, src, "resources.gpus_per_worker", r.gpus_per_worker, "must be >= 0")
+    _check(r.max_failures >= -1, src, "resources.max_failures", r.max_failures,
+           "must be >= 0 (or -1 for no limit)")
+    _check(r.workers <= cfg.train.batch_size, src, "train.batch_size", cfg.train.batch_size,
+           f"must be >= resources.workers ({r.workers})")
+    _check(cfg.dataset.name == "synthetic" or cfg.dataset.root is not None, src, "dataset.root",
+           None, f"is required for dataset {cfg.dataset.name}")
+    if cfg.dataset.subsample is not None:
+        _check(cfg.dataset.subsample >= 1, src, "dataset.subsample", cfg.dataset.subsample, "must be >= 1")
+    _check(cfg.dataset.loader_workers >= 0, src, "dataset.loader_workers", cfg.dataset.loader_workers,
+           "must be >= 0")
+    check_search(cfg.search, src)
+    return cfg
+
+
+# --- loading and overrides -----------------------------------------------------------------
+
+
+def load(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """Load a config file strictly, apply ``--set key=value`` overrides, and check it."""
+    path = Path(path)
+    source = str(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(source, "", "config file not found") from None
+    except OSError as err:
+        raise ConfigError(source, "", f"cannot read config file ({err.strerror})") from None
+    raw = parse_yaml(text, source)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(source, "<top>", f"expected a mapping of sections, got {_describe(raw)}")
+    raw = _resolve_paths(raw, path.parent)
+    for item in overrides:
+        raw = apply_override(raw, item, source)
+    return from_dict(raw, source)
+
+
+def from_dict(raw: dict[str, Any], source: str = "<config>") -> Config:
+    """Build and check a Config from an already-parsed mapping."""
+    cfg = build(Config, raw, source)
+    return check(dataclasses.replace(cfg, source=source))
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Make a model-config JSON path relative to the config file work from any directory."""
+    model = raw.get("model")
+    if isinstance(model, dict) and isinstance(model.get("arch"), str):
+        arch = model["arch"]
+        if arch.endswith(".json") and not Path(arch).expanduser().is_absolute():
+            candidate = base / arch
+            if candidate.exists():
+                model = {**model, "arch": str(candidate)}
+                raw = {**raw, "model": model}
+    return raw
+
+
+_TRAIN_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
+
+
+def apply_override(raw: dict[str, Any], item: str, source: str) -> dict[str, Any]:
+    """Apply one ``key=value``: a bare TrainConfig field or a dotted path; the value is YAML."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError("--set", item, "expected key=value")
+    path = key.split(".")
+    if len(path) == 1:
+        if key not in _TRAIN_FIELDS and key != "storage":
+            raise ConfigError("--set", key, f"unknown key (a train field or a dotted path), value {text!r}")
+        if key != "storage":
+            path = ["train", key]
+    value = parse_yaml(text, f"--set {key}") if text.strip() else None
+    return _set_in(raw, path, value)
+
+
+def _set_in(raw: dict[str, Any], path: list[str], value: Any) -> dict[str, Any]:
+    out = dict(raw)
+    head, *rest = path
+    if not rest:
+        out[head] = value
+        return out
+    inner = out.get(head)
+    out[head] = _set_in(inner if isinstance(inner, dict) else {}, rest, value)
+    return out
+
+
+def with_train(cfg: Config, **values: Any) -> Config:
+    """A copy of ``cfg`` whose TrainConfig has ``values`` (e.g. a trial's sampled point), checked."""
+    unknown = set(values) - _TRAIN_FIELDS
+    if unknown:
+        raise ConfigError(cfg.source, f"train.{sorted(unknown)[0]}", "not a train field")
+    hints = typing.get_type_hints(TrainConfig)
+    coerced = {k: _coerce(v, hints[k], cfg.source, f"train.{k}") for k, v in values.items()}
+    train = dataclasses.replace(cfg.train, **coerced)
+    check_train(train, cfg.source)
+    return dataclasses.replace(cfg, train=train)
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """The config as plain data (for YAML dumps, MLflow artifacts and Ray configs)."""
+    out = dataclasses.asdict(cfg)
+    out.pop("source")
+    return out
+
+
+def train_params(train: TrainConfig) -> dict[str, Any]:
+    """The flat TrainConfig as MLflow params (None written as 'null')."""
+    return {k: ("null" if v is None else v) for k, v in dataclasses.asdict(train).items()}

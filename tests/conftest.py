@@ -1,0 +1,61 @@
+"""Shared fixtures: one local Ray instance for the whole session, the tiny model, configs."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+# Quiet, small Ray for a 2-core machine; set before ray is imported anywhere.
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from flyp_ray.model import tiny_config_path  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    """One local Ray cluster shared by every test that needs Ray; shut down at the end."""
+    import ray
+
+    # Workers import test modules by name (functions defined in tests run there too).
+    tests = str(Path(__file__).parent)
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=True,
+             runtime_env={"env_vars": {"PYTHONPATH": tests}})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_arch() -> str:
+    """The path of the tiny open_clip model-config JSON shipped with the package."""
+    return str(tiny_config_path())
+
+
+def write_config(path: Path, raw: dict[str, Any]) -> Path:
+    """Write a config mapping as YAML and return its path."""
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def tiny_config(tmp: Path, **sections: Any) -> dict[str, Any]:
+    """A small, fast config: synthetic data, the tiny model, one CPU worker, local sqlite."""
+    raw: dict[str, Any] = {
+        "dataset": {"name": "synthetic", "subsample": 64},
+        "model": {"arch": str(tiny_config_path()), "pretrained": None},
+        "train": {"epochs": 1, "batch_size": 16, "lr": 1.0e-3, "warmup_steps": 2,
+                  "eval_batch_size": 64},
+        "resources": {"workers": 1, "cpus_per_worker": 0.5, "max_failures": 0},
+        "tracking": {"uri": f"sqlite:///{tmp / 'mlflow.db'}", "experiment": "test"},
+        "storage": str(tmp / "results"),
+    }
+    for name, values in sections.items():
+        raw[name] = {**raw.get(name, {}), **values} if isinstance(values, dict) else values
+    return raw
