@@ -23,7 +23,12 @@ from flyp_ray.errors import ModelError
 log = logging.getLogger(__name__)
 
 HF_HUB = "hf-hub:"
-TINY_CONFIG = "flyp-tiny.json"  # shipped with the package for tests and the demo
+# Shipped with the package for tests and the demo. The default tiny model has a small ResNet
+# image tower: on CPU it learns the synthetic shapes in a few epochs from random weights, where a
+# ViT of the same size needs far more steps. The ViT one has no BatchNorm, so data-parallel
+# runs compute exactly what one process does (the loss-equivalence test uses it).
+TINY_CONFIG = "flyp-tiny.json"
+TINY_VIT_CONFIG = "flyp-tiny-vit.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,9 +42,10 @@ class LoadedModel:
     name: str
 
 
-def tiny_config_path() -> Path:
-    """The path of the tiny model-config JSON shipped with the package."""
-    return Path(str(resources.files("flyp_ray") / "model_configs" / TINY_CONFIG))
+def tiny_config_path(vit: bool = False) -> Path:
+    """The path of a tiny model-config JSON shipped with the package."""
+    name = TINY_VIT_CONFIG if vit else TINY_CONFIG
+    return Path(str(resources.files("flyp_ray") / "model_configs" / name))
 
 
 def resolve_arch(arch: str, source: str = "model.arch") -> str:

@@ -39,6 +39,12 @@ def tiny_arch() -> str:
     return str(tiny_config_path())
 
 
+@pytest.fixture(scope="session")
+def tiny_vit_arch() -> str:
+    """The tiny ViT config: no BatchNorm, so data parallel is exactly one big batch."""
+    return str(tiny_config_path(vit=True))
+
+
 def write_config(path: Path, raw: dict[str, Any]) -> Path:
     """Write a config mapping as YAML and return its path."""
     path.write_text(yaml.safe_dump(raw, sort_keys=False))

@@ -69,7 +69,7 @@ def _gradients(model: torch.nn.Module, mode: str, local: bool, rank: int, world:
                wrapped: torch.nn.Module) -> dict[str, Any]:
     from open_clip import get_tokenizer
 
-    images, texts, labels = _batch(get_tokenizer("flyp-tiny"))
+    images, texts, labels = _batch(get_tokenizer("flyp-tiny-vit"))
     share = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
     model.zero_grad(set_to_none=True)
     out = wrapped(images[share], texts[share])
@@ -105,18 +105,19 @@ def _worker(config: dict[str, Any]) -> None:
 
 
 @pytest.mark.slow
-def test_two_workers_match_one_process(ray_session: None, tiny_arch: str, tmp_path: Path) -> None:
+def test_two_workers_match_one_process(ray_session: None, tiny_vit_arch: str,
+                                       tmp_path: Path) -> None:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"arch": tiny_arch, "cases": CASES, "out": str(tmp_path)},
+        train_loop_config={"arch": tiny_vit_arch, "cases": CASES, "out": str(tmp_path)},
         scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
         run_config=RunConfig(name="loss-ddp", storage_path=str(tmp_path / "ray")),
     )
     trainer.fit()
-    model = _tiny_model(tiny_arch)
+    model = _tiny_model(tiny_vit_arch)
     for rank in (0, 1):
         ddp = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         for mode, local in CASES:

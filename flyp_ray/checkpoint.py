@@ -1,0 +1,73 @@
+"""Training checkpoints as a folder of state dicts, loaded with ``weights_only=True``.
+
+A folder (not one pickle) so that Ray Train can move it to its storage as it is, and so that
+the model weights can be read without the optimizer state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flyp_ray.errors import FlypRayError, ModelError
+
+MODEL = "model.pt"
+TRAINING = "training.pt"
+META = "meta.json"
+
+
+@dataclasses.dataclass
+class TrainingState:
+    """What a resumed run needs besides the model weights."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+
+
+def save(folder: Path, model: torch.nn.Module, state: TrainingState, epoch: int,
+         metrics: dict[str, float], extra: dict[str, Any] | None = None) -> Path:
+    """Write the model, the training state and a JSON of epoch and metrics into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        torch.save(model.state_dict(), folder / MODEL)
+        torch.save({"optimizer": state.optimizer.state_dict(),
+                    "scheduler": state.scheduler.state_dict(),
+                    "scaler": state.scaler.state_dict(), "epoch": epoch}, folder / TRAINING)
+        (folder / META).write_text(json.dumps({"epoch": epoch, "metrics": metrics,
+                                               **(extra or {})}, indent=1))
+    except OSError as err:
+        raise FlypRayError(f"cannot write checkpoint to {folder}: {err.strerror}") from err
+    return folder
+
+
+def load_weights(folder: Path | str, model: torch.nn.Module) -> dict[str, Any]:
+    """Load the model weights of a checkpoint folder (or a bare state-dict file); returns meta."""
+    path = Path(folder)
+    file = path / MODEL if path.is_dir() else path
+    if not file.is_file():
+        raise ModelError(f"checkpoint not found: {file}")
+    state = torch.load(file, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        first = str(err).splitlines()[0]
+        raise ModelError(f"checkpoint {file} does not fit the model: {first}") from None
+    meta = path / META
+    return json.loads(meta.read_text()) if path.is_dir() and meta.is_file() else {}
+
+
+def load_training(folder: Path, state: TrainingState) -> int:
+    """Restore optimizer, scheduler and scaler; returns the epoch the checkpoint finished."""
+    saved = torch.load(folder / TRAINING, map_location="cpu", weights_only=True)
+    state.optimizer.load_state_dict(saved["optimizer"])
+    state.scheduler.load_state_dict(saved["scheduler"])
+    state.scaler.load_state_dict(saved["scaler"])
+    return int(saved["epoch"])

@@ -1,0 +1,134 @@
+"""MLflow: the one module that talks to the tracking server.
+
+Runs are addressed by id through ``MlflowClient`` (never the global "active run"), because the
+run is created by the driver and written to by a Ray worker in another process. A tracking error
+is logged and retried, never raised into training: a flaky server must not kill a trial.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import urllib.parse
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import mlflow
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from flyp_ray.config import Config, to_dict, train_params
+from flyp_ray.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+KIND_TAG = "flyp_ray.kind"
+TRIAL_TAG = "flyp_ray.trial_id"
+PARENT_TAG = "mlflow.parentRunId"
+RETRIES = 3
+
+T = TypeVar("T")
+
+
+def redact(uri: str) -> str:
+    """A tracking URI with any password or token replaced by ``***``."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        parts = parts._replace(netloc=netloc)
+    query = re.sub(r"(?i)((?:token|password|secret|key)[^=&]*=)[^&]*", r"\1***", parts.query)
+    return urllib.parse.urlunsplit(parts._replace(query=query))
+
+
+def check_uri(uri: str, source: str) -> None:
+    """Fail fast (before Ray starts) on a tracking URI that cannot work."""
+    scheme = urllib.parse.urlsplit(uri).scheme
+    if scheme == "sqlite":
+        path = Path(uri.removeprefix("sqlite:///")).expanduser()
+        if not path.parent.exists():
+            raise ConfigError(source, "tracking.uri", f"folder of the database does not exist: "
+                                                      f"{redact(uri)!r}")
+    elif scheme in ("http", "https"):
+        _check_server(uri, source)
+    elif scheme in ("", "file"):
+        raise ConfigError(source, "tracking.uri", f"MLflow 3 has no file store; use sqlite:///"
+                                                  f"mlflow.db or a server, got {redact(uri)!r}")
+
+
+def _check_server(uri: str, source: str) -> None:
+    import requests  # mlflow's own dependency; only needed for this check
+
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=5)
+    except requests.RequestException as err:
+        raise ConfigError(source, "tracking.uri", f"MLflow server unreachable at {redact(uri)!r} "
+                                                  f"({type(err).__name__})") from None
+
+
+def client(uri: str) -> MlflowClient:
+    """A client bound to ``uri`` (also sets it for the model APIs that use the global URI)."""
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(tracking_uri=uri)
+
+
+def _retry(what: str, fn: Callable[[], T]) -> T | None:
+    """Run ``fn``, retrying with backoff; log and return None if it keeps failing."""
+    for attempt in range(RETRIES):
+        try:
+            return fn()
+        except Exception as err:  # noqa: BLE001 - any tracking failure must not stop training
+            wait = 2.0**attempt
+            log.warning("MLflow %s failed (%s: %s); retry %d/%d in %.0fs", what,
+                        type(err).__name__, str(err)[:200], attempt + 1, RETRIES, wait)
+            time.sleep(wait)
+    log.error("MLflow %s failed %d times; carrying on without it", what, RETRIES)
+    return None
+
+
+def experiment_id(mlflow_client: MlflowClient, name: str) -> str:
+    """The id of experiment ``name``, created if missing."""
+    found = mlflow_client.get_experiment_by_name(name)
+    if found is not None:
+        return str(found.experiment_id)
+    return str(mlflow_client.create_experiment(name))
+
+
+def start_run(cfg: Config, run_name: str, tags: Mapping[str, str]) -> str:
+    """Create a run with the flat TrainConfig as params and the whole config as an artifact."""
+    mlflow_client = client(cfg.tracking.uri)
+    exp = experiment_id(mlflow_client, cfg.tracking.experiment)
+    run = mlflow_client.create_run(exp, run_name=run_name, tags=dict(tags))
+    run_id = str(run.info.run_id)
+    params = [Param(k, str(v)) for k, v in train_params(cfg.train).items()]
+    params += [Param("dataset", cfg.dataset.name), Param("model.arch", cfg.model.arch),
+               Param("model.pretrained", str(cfg.model.pretrained)),
+               Param("workers", str(cfg.resources.workers))]
+    mlflow_client.log_batch(run_id, params=params)
+    mlflow_client.log_dict(run_id, to_dict(cfg), "config.yaml")
+    return run_id
+
+
+def log_metrics(uri: str, run_id: str, metrics: Mapping[str, float], step: int) -> None:
+    """Log one epoch's metrics with ``step=epoch``; retried, never raises."""
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+    _retry("log_metrics", lambda: MlflowClient(tracking_uri=uri).log_batch(run_id, metrics=batch))
+
+
+def set_tags(uri: str, run_id: str, tags: Mapping[str, Any]) -> None:
+    """Set tags on a run; retried, never raises."""
+    batch = [RunTag(k, str(v)) for k, v in tags.items()]
+    _retry("set_tags", lambda: MlflowClient(tracking_uri=uri).log_batch(run_id, tags=batch))
+
+
+def log_artifacts(uri: str, run_id: str, folder: Path | str, artifact_path: str) -> None:
+    """Upload a folder as artifacts of the run; retried, never raises."""
+    _retry("log_artifacts", lambda: MlflowClient(tracking_uri=uri).log_artifacts(
+        run_id, str(folder), artifact_path))
+
+
+def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
+    """Close the run (FINISHED, FAILED or KILLED); retried, never raises."""
+    _retry("end_run", lambda: MlflowClient(tracking_uri=uri).set_terminated(run_id, status))

@@ -1,0 +1,89 @@
+"""The per-worker training function that Ray Train runs on each worker of a trial.
+
+It builds the model and data, lets Ray wrap them for data parallelism, resumes from the latest
+checkpoint if Ray hands one back (a restarted worker group) or from ``resume_from``, runs the
+plain-torch loop, and after every epoch reports metrics and a checkpoint through
+``ray.train.report``. Rank 0 also writes the epoch's metrics to the trial's MLflow run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import ray.train.torch
+from torch.utils.data import DataLoader
+
+from flyp_ray import checkpoint, tracking
+from flyp_ray.config import Config
+from flyp_ray.data import Data, load_data
+from flyp_ray.evaluate import unwrap
+from flyp_ray.loop import Run, make_run, run_epochs, seed_everything
+from flyp_ray.model import apply_temperature, load_model
+
+RESUME_FROM = "resume_from"  # train_loop_config key: a checkpoint folder to start from
+MLFLOW_RUN = "mlflow_run_id"  # train_loop_config key: the run rank 0 logs to
+
+
+def train_loader(data: Data, cfg: Config, world_size: int) -> DataLoader:
+    """The training DataLoader with this worker's share of the global batch."""
+    per_worker = cfg.train.batch_size // world_size
+    workers = cfg.dataset.loader_workers
+    # drop_last: every worker must take the same number of steps, or DDP's all-reduce hangs.
+    return DataLoader(data.splits["train"].dataset, batch_size=per_worker, shuffle=True,
+                      drop_last=True, num_workers=workers, persistent_workers=workers > 0,
+                      pin_memory=ray.train.torch.get_device().type == "cuda")
+
+
+def build_run(cfg: Config) -> Run:
+    """Model, data, loader and optimizer state for this worker, wrapped by Ray for DDP."""
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    seed_everything(cfg.train.seed)  # identical initial weights on every worker
+    loaded = load_model(cfg.model, cfg.source)
+    apply_temperature(loaded.model, cfg.train)
+    data = load_data(cfg.dataset, loaded.preprocess_train, loaded.preprocess_eval, cfg.source)
+    model = ray.train.torch.prepare_model(loaded.model)
+    seed_everything(cfg.train.seed + rank)  # but different augmentations per worker
+    loader = ray.train.torch.prepare_data_loader(train_loader(data, cfg, world_size))
+    return make_run(model, data, loaded.tokenizer, cfg.train, loader,
+                    ray.train.torch.get_device(), rank=rank, world_size=world_size,
+                    eval_workers=cfg.dataset.loader_workers)
+
+
+def restore(run: Run, resume_from: str | None) -> int:
+    """Load the latest checkpoint (Ray's after a restart, else ``resume_from``); last epoch."""
+    saved = ray.train.get_checkpoint()
+    if saved is None and resume_from is None:
+        return 0
+    source = saved.as_directory() if saved is not None else contextlib.nullcontext(resume_from)
+    with source as folder:
+        checkpoint.load_weights(Path(folder), unwrap(run.model))
+        return checkpoint.load_training(Path(folder), run.state)
+
+
+
+def report(run: Run, cfg: Config, run_id: str | None, epoch: int,
+           metrics: dict[str, float]) -> None:
+    """Checkpoint (rank 0 writes it) and report the epoch; rank 0 logs metrics to MLflow."""
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = None
+        if run.rank == 0:
+            checkpoint.save(Path(tmp), unwrap(run.model), run.state, epoch, metrics)
+            saved = ray.train.Checkpoint.from_directory(tmp)
+        # Every worker calls report: it is a barrier, and metrics come from rank 0.
+        ray.train.report(metrics, checkpoint=saved, checkpoint_dir_name=f"epoch_{epoch:04d}")
+    if run.rank == 0 and run_id is not None:
+        tracking.log_metrics(cfg.tracking.uri, run_id, metrics, step=epoch)
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Entry point for ``TorchTrainer``: the whole training of one worker."""
+    cfg: Config = loop_config["config"]
+    run_id: str | None = loop_config.get(MLFLOW_RUN)
+    run = build_run(cfg)
+    start = restore(run, loop_config.get(RESUME_FROM))
+    run_epochs(run, start, lambda epoch, metrics: report(run, cfg, run_id, epoch, metrics))
