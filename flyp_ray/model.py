@@ -69,6 +69,8 @@ def check_model(cfg: ModelConfig, source: str) -> str:
     """Check the spec without building the model; returns a one-line description."""
     name = resolve_arch(cfg.arch, f"{source}: model.arch")
     weights = _check_pretrained(name, cfg.pretrained, source)
+    if cfg.pretrained is not None and Path(cfg.pretrained).expanduser().is_file():
+        load_model(cfg, source)  # a local file is cheap to try, and a wrong shape shows only here
     return f"model {name} with {weights}"
 
 

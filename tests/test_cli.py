@@ -1,0 +1,83 @@
+"""Bad input: exit code 2 and one line naming the file, key and value; no traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from conftest import tiny_config, write_config
+
+
+def flyp_ray(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "flyp_ray", *args], cwd=cwd, text=True,
+                          capture_output=True, timeout=120)
+
+
+def wrong_shape_checkpoint(tmp: Path) -> str:
+    path = tmp / "wrong.pt"
+    torch.save({"logit_scale": torch.zeros(3)}, path)
+    return str(path)
+
+
+# (name, config sections, extra args, text the one-line message must contain)
+CASES: list[tuple[str, dict[str, Any], list[str], list[str]]] = [
+    ("unknown key", {"train": {"lgo": True}}, [], ["train.lgo", "unknown key"]),
+    ("unknown section", {"trian": {}}, [], ["trian", "unknown key"]),
+    ("wrong type", {"train": {"epochs": "ten"}}, [], ["train.epochs", "'ten'"]),
+    ("negative lr", {"train": {"lr": -0.1}}, [], ["train.lr", "-0.1"]),
+    ("quoted number", {"train": {"lr": "1e-5"}}, [], ["train.lr", "'1e-5'", "without quotes"]),
+    ("missing data root", {"dataset": {"name": "iwildcam", "root": "/nonexistent/wilds"}}, [],
+     ["/nonexistent/wilds"]),
+    ("unknown arch", {"model": {"arch": "ViT-Q-99"}}, [], ["model.arch", "ViT-Q-99"]),
+    ("missing checkpoint", {"model": {"pretrained": "/nonexistent/ckpt.pt"}}, [],
+     ["model.pretrained", "/nonexistent/ckpt.pt"]),
+    ("set unknown key", {}, ["--set", "lrr=0.1"], ["lrr", "unknown key"]),
+    ("set bad value", {}, ["--set", "batch_size=0"], ["train.batch_size", "0"]),
+]
+
+
+@pytest.mark.parametrize(("sections", "extra", "needles"), [c[1:] for c in CASES],
+                         ids=[c[0] for c in CASES])
+def test_bad_config_exits_2_with_one_line(tmp_path: Path, sections: dict[str, Any],
+                                          extra: list[str], needles: list[str]) -> None:
+    path = write_config(tmp_path / "bad.yaml", tiny_config(tmp_path, **sections))
+    # PyYAML's dumper leaves 1e-5 unquoted (YAML 1.1 sees no float there): quote it by hand.
+    path.write_text(path.read_text().replace("lr: 1e-5", "lr: '1e-5'"))
+    result = flyp_ray("validate", str(path), *extra, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("flyp-ray: error: ")
+    for needle in needles:
+        assert needle in last, last
+
+
+def test_wrong_shape_checkpoint(tmp_path: Path) -> None:
+    raw = tiny_config(tmp_path, model={"pretrained": wrong_shape_checkpoint(tmp_path)})
+    result = flyp_ray("validate", str(write_config(tmp_path / "c.yaml", raw)), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "wrong.pt" in result.stderr.strip().splitlines()[-1]
+
+
+def test_malformed_yaml_and_missing_file(tmp_path: Path) -> None:
+    (tmp_path / "bad.yaml").write_text("train:\n  lr: [1\nmodel: {}\n")
+    result = flyp_ray("train", "bad.yaml", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("flyp-ray: error: bad.yaml: malformed YAML at line 3: "
+                                     "expected ',' or ']', but got ':'")
+    result = flyp_ray("train", "missing.yaml", cwd=tmp_path)
+    assert (result.returncode, result.stderr.strip()) == (
+        2, "flyp-ray: error: missing.yaml: config file not found")
+
+
+def test_validate_accepts_a_good_config(tmp_path: Path) -> None:
+    result = flyp_ray("validate", str(write_config(tmp_path / "c.yaml", tiny_config(tmp_path))),
+                      cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "config ok" in result.stdout and "synthetic" in result.stdout
