@@ -45,6 +45,13 @@ def save(folder: Path, model: torch.nn.Module, state: TrainingState, epoch: int,
     return folder
 
 
+def save_marker(folder: Path, epoch: int, metrics: dict[str, float], error: str) -> Path:
+    """A checkpoint folder with only the JSON: marks a run that ended without usable weights."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / META).write_text(json.dumps({"epoch": epoch, "metrics": metrics, "error": error}))
+    return folder
+
+
 def load_weights(folder: Path | str, model: torch.nn.Module) -> dict[str, Any]:
     """Load the model weights of a checkpoint folder (or a bare state-dict file); returns meta."""
     path = Path(folder)

@@ -112,10 +112,26 @@ class Run:
     eval_workers: int = 0
 
 
+def apply_speed_options(model: torch.nn.Module, train: TrainConfig) -> None:
+    """Gradient checkpointing and ``torch.compile``, in place, as ``train`` asks.
+
+    Both act on the CLIP model inside any DDP wrapper, so state-dict keys and ``unwrap`` stay
+    as they are. Compiling in place covers the training forward; the evaluation calls
+    ``encode_image``, which stays eager.
+    """
+    clip = unwrap(model)
+    if train.grad_checkpointing:
+        # open_clip recomputes each transformer block in backward; a ResNet tower ignores it.
+        clip.set_grad_checkpointing(True)  # type: ignore[operator]
+    if train.compile:
+        clip.compile()
+
+
 def make_run(model: torch.nn.Module, data: Data, tokenizer: Callable[..., torch.Tensor],
              train: TrainConfig, loader: DataLoader, device: torch.device, *, rank: int = 0,
              world_size: int = 1, eval_workers: int = 0) -> Run:
     """Assemble a Run: loss with the distributed context, prompt tokens, optimizer state."""
+    apply_speed_options(model, train)
     loss_fn = FlypLoss(train.same_class, local_loss=train.local_loss, rank=rank,
                        world_size=world_size)
     total_steps = max(1, train.epochs * len(loader))
@@ -130,6 +146,9 @@ def flyp_step(run: Run, images: torch.Tensor, labels: torch.Tensor,
     """Forward both towers on (image, drawn prompt) pairs and return the FLYP loss."""
     texts = draw_prompts(run.prompts, labels, generator).to(run.device, non_blocking=True)
     images = images.to(run.device, non_blocking=True)
+    prepare = run.data.splits["train"].prepare
+    if prepare is not None:  # cached uint8 pixels: crop, flip and normalise here, per batch
+        images = prepare(images)
     labels = labels.to(run.device, non_blocking=True)
     with autocast(run.device, run.train.precision):
         out = run.model(images, texts)
@@ -151,6 +170,18 @@ def optimizer_step(run: Run, loss: torch.Tensor) -> None:
     clamp_logit_scale(unwrap(run.model))
 
 
+def all_finite(loss: torch.Tensor, world_size: int) -> bool:
+    """Whether the loss is finite on every worker.
+
+    With the global loss every worker sees the same value; with ``local_loss`` each sees its own
+    rows, and all must agree to stop together (a lone stopping worker would hang the others).
+    """
+    finite = torch.isfinite(loss.detach()).float()
+    if world_size > 1:
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+    return bool(finite.item())
+
+
 def train_epoch(run: Run, epoch: int) -> dict[str, float]:
     """One pass over the training data; returns ``train/loss``, ``train/lr``, ``train/temperature``."""
     run.model.train()
@@ -159,7 +190,7 @@ def train_epoch(run: Run, epoch: int) -> dict[str, float]:
     total, count = 0.0, 0
     for step, (images, labels, _) in enumerate(run.loader):
         loss = flyp_step(run, images, labels, generator)
-        if not torch.isfinite(loss):
+        if not all_finite(loss, run.world_size if run.train.local_loss else 1):
             raise TrialDiverged(f"loss is {loss.item()} at epoch {epoch}, step {step}")
         optimizer_step(run, loss)
         total += loss.item()
@@ -170,12 +201,18 @@ def train_epoch(run: Run, epoch: int) -> dict[str, float]:
             "train/temperature": 1.0 / scale}
 
 
-def evaluate(run: Run) -> dict[str, float]:
-    """Rebuild the zero-shot head from the current text tower and evaluate every split."""
+def evaluate(run: Run, *, final: bool = True) -> dict[str, float]:
+    """Rebuild the zero-shot head from the current text tower and evaluate the splits.
+
+    Every split at the ``final`` epoch; before it, only ``train.eval_splits`` when that is set
+    (a scheduler's early rungs need the search metric, not every split).
+    """
     with autocast(run.device, run.train.precision):
         head = zero_shot_head(run.model, run.tokenizer, run.data.classnames, run.data.templates,
                               run.device)
-    splits = [s for name, s in run.data.splits.items() if name != "train"]
+    wanted = None if final else run.train.eval_splits
+    splits = [s for name, s in run.data.splits.items()
+              if name != "train" and (wanted is None or name in wanted)]
     return evaluate_splits(run.model, head, splits, batch_size=run.train.eval_batch_size,
                            device=run.device, precision=run.train.precision, rank=run.rank,
                            world_size=run.world_size, num_workers=run.eval_workers)
@@ -190,5 +227,16 @@ def run_epochs(run: Run, start_epoch: int, report: Report) -> None:
         report(0, {"epoch": 0, **evaluate(run)})
         return
     for epoch in range(start_epoch + 1, run.train.epochs + 1):
-        metrics = {"epoch": float(epoch), **train_epoch(run, epoch), **evaluate(run)}
+        final = epoch == run.train.epochs
+        metrics = {"epoch": float(epoch), **train_epoch(run, epoch), **evaluate(run, final=final)}
         report(epoch, metrics)
+
+
+def diverged_metrics(epoch: int, objectives: dict[str, str]) -> dict[str, float]:
+    """What a diverged run reports: the worst value of each objective, and a flag.
+
+    Reporting (rather than raising) lets the search record the trial as a bad point and go on;
+    a raised error would also make Ray Train restart a run that will diverge again.
+    """
+    worst = {m: (0.0 if mode == "max" else math.inf) for m, mode in objectives.items()}
+    return {"epoch": float(epoch), "diverged": 1.0, **worst}

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import shutil
-import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
@@ -20,7 +17,7 @@ import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from flyp_ray import checkpoint, tracking, worker
+from flyp_ray import registry, tracking, worker
 from flyp_ray.config import Config
 from flyp_ray.errors import FlypRayError
 
@@ -112,6 +109,10 @@ def train(cfg: Config, name: str | None = None, resume_from: str | None = None) 
     except Exception:
         tracking.end_run(cfg.tracking.uri, run_id, "FAILED")
         raise
+    if (result.metrics or {}).get("diverged"):
+        tracking.end_run(cfg.tracking.uri, run_id, "FAILED")
+        raise FlypRayError(f"run {name} diverged (loss not finite) at epoch "
+                           f"{int(result.metrics['epoch'])}; see MLflow run {run_id}")
     metric, mode = selection(cfg)
     best, metrics = best_of(result, metric, mode)
     _log_model(cfg, run_id, best)
@@ -137,11 +138,8 @@ def _find_or_start_run(cfg: Config, name: str) -> str:
 
 
 def _log_model(cfg: Config, run_id: str, best: ray.train.Checkpoint) -> None:
-    """Upload the selected epoch's weights (not the optimizer state) and the model spec."""
-    with best.as_directory() as folder, tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp)
-        for item in (checkpoint.MODEL, checkpoint.META):
-            shutil.copy(Path(folder) / item, out / item)
-        if cfg.model.arch.endswith(".json") and os.path.isfile(cfg.model.arch):
-            shutil.copy(cfg.model.arch, out / "model_config.json")
-        tracking.log_artifacts(cfg.tracking.uri, run_id, out, "checkpoint")
+    """Log the selected epoch's weights as an MLflow model of the run (never raises)."""
+    with best.as_directory() as folder:
+        uri = registry.log_model(cfg, run_id, folder)
+    if uri is not None:
+        log.info("logged the selected model as %s", uri)

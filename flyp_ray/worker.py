@@ -9,6 +9,8 @@ plain-torch loop, and after every epoch reports metrics and a checkpoint through
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -21,17 +23,28 @@ from flyp_ray import checkpoint, tracking
 from flyp_ray.config import Config
 from flyp_ray.data import Data, load_data
 from flyp_ray.evaluate import unwrap
-from flyp_ray.loop import Run, make_run, run_epochs, seed_everything
+from flyp_ray.errors import TrialDiverged
+from flyp_ray.loop import Run, diverged_metrics, make_run, run_epochs, seed_everything
 from flyp_ray.model import apply_temperature, load_model
+
+log = logging.getLogger(__name__)
 
 RESUME_FROM = "resume_from"  # train_loop_config key: a checkpoint folder to start from
 MLFLOW_RUN = "mlflow_run_id"  # train_loop_config key: the run rank 0 logs to
 
 
+def loader_workers(cfg: Config) -> int:
+    """DataLoader processes per Ray worker: ``dataset.loader_workers``, or for -1 its CPUs less one."""
+    if cfg.dataset.loader_workers >= 0:
+        return cfg.dataset.loader_workers
+    # Ray gives this worker cpus_per_worker CPUs: the training process keeps one, the rest decode.
+    return max(0, math.floor(cfg.resources.cpus_per_worker) - 1)
+
+
 def train_loader(data: Data, cfg: Config, world_size: int) -> DataLoader:
     """The training DataLoader with this worker's share of the global batch."""
     per_worker = cfg.train.batch_size // world_size
-    workers = cfg.dataset.loader_workers
+    workers = loader_workers(cfg)
     # drop_last: every worker must take the same number of steps, or DDP's all-reduce hangs.
     return DataLoader(data.splits["train"].dataset, batch_size=per_worker, shuffle=True,
                       drop_last=True, num_workers=workers, persistent_workers=workers > 0,
@@ -51,7 +64,7 @@ def build_run(cfg: Config) -> Run:
     loader = ray.train.torch.prepare_data_loader(train_loader(data, cfg, world_size))
     return make_run(model, data, loaded.tokenizer, cfg.train, loader,
                     ray.train.torch.get_device(), rank=rank, world_size=world_size,
-                    eval_workers=cfg.dataset.loader_workers)
+                    eval_workers=loader_workers(cfg))
 
 
 def restore(run: Run, resume_from: str | None) -> int:
@@ -72,12 +85,29 @@ def report(run: Run, cfg: Config, run_id: str | None, epoch: int,
     with tempfile.TemporaryDirectory() as tmp:
         saved = None
         if run.rank == 0:
-            checkpoint.save(Path(tmp), unwrap(run.model), run.state, epoch, metrics)
+            # The prompts go with the weights: the logged model rebuilds its head from them.
+            prompts = {"classnames": run.data.classnames, "templates": run.data.templates}
+            checkpoint.save(Path(tmp), unwrap(run.model), run.state, epoch, metrics, prompts)
             saved = ray.train.Checkpoint.from_directory(tmp)
         # Every worker calls report: it is a barrier, and metrics come from rank 0.
         ray.train.report(metrics, checkpoint=saved, checkpoint_dir_name=f"epoch_{epoch:04d}")
     if run.rank == 0 and run_id is not None:
         tracking.log_metrics(cfg.tracking.uri, run_id, metrics, step=epoch)
+
+
+def report_diverged(run: Run, metrics: dict[str, float], error: str) -> None:
+    """Report the worst metrics with a marker checkpoint that holds no weights.
+
+    The marker is what the driver sees: Ray's Result carries the latest *checkpointed* metrics
+    only, and the weights of a diverged run are not worth keeping.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = None
+        if run.rank == 0:
+            checkpoint.save_marker(Path(tmp), int(metrics["epoch"]), metrics, error)
+            saved = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=saved,
+                         checkpoint_dir_name=f"diverged_{int(metrics['epoch']):04d}")
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -86,4 +116,26 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     run_id: str | None = loop_config.get(MLFLOW_RUN)
     run = build_run(cfg)
     start = restore(run, loop_config.get(RESUME_FROM))
-    run_epochs(run, start, lambda epoch, metrics: report(run, cfg, run_id, epoch, metrics))
+    last = [start]
+
+    def report_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        report(run, cfg, run_id, epoch, metrics)
+        last[0] = epoch
+
+    try:
+        run_epochs(run, start, report_epoch)
+    except TrialDiverged as err:
+        log.warning("run diverged: %s", err)
+        metrics = diverged_metrics(last[0] + 1, objectives(cfg))
+        report_diverged(run, metrics, str(err))
+        if run.rank == 0 and run_id is not None:
+            tracking.log_metrics(cfg.tracking.uri, run_id, metrics, step=last[0] + 1)
+            tracking.set_tags(cfg.tracking.uri, run_id, {"flyp_ray.status": "diverged",
+                                                         "flyp_ray.error": str(err)})
+
+
+def objectives(cfg: Config) -> dict[str, str]:
+    """The search's metrics and their modes, as a mapping."""
+    metrics = cfg.search.metric if isinstance(cfg.search.metric, list) else [cfg.search.metric]
+    modes = cfg.search.mode if isinstance(cfg.search.mode, list) else [cfg.search.mode]
+    return dict(zip(metrics, modes, strict=True))

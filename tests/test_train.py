@@ -90,3 +90,17 @@ def test_checkpoint_resumes_in_another_run(ray_session: None, tmp_path: Path,
     assert state["epoch"] == 3
     adam_steps = {float(s["step"]) for s in state["optimizer"]["state"].values()}
     assert adam_steps == {3.0 * steps_per_epoch}  # Adam's moments carried over, not restarted
+
+
+def test_diverged_run_stops_and_says_so(ray_session: None, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    raw = tiny_config(tmp_path, train={"epochs": 3, "lr": 1.0e6, "warmup_steps": 0})
+    code = cli.main(["train", str(write_config(tmp_path / "c.yaml", raw))])
+
+    assert code == 1
+    assert "diverged" in capsys.readouterr().err
+    client = mlflow.MlflowClient(tracking_uri=raw["tracking"]["uri"])
+    (run,) = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+    assert run.info.status == "FAILED"
+    assert run.data.tags["flyp_ray.status"] == "diverged"
+    assert history(raw["tracking"]["uri"], run.info.run_id, "id_val/acc") == [(1, 0.0)]
