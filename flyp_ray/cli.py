@@ -45,6 +45,42 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--name", help="the Ray run name; an existing one resumes")
     train.add_argument("--resume-from", help="a checkpoint folder to start from")
     train.set_defaults(run=cmd_train)
+
+    tune = sub.add_parser("tune", help="search the config's space (Ray Tune + Optuna)")
+    _add_config(tune)
+    tune.add_argument("--resume", action="store_true",
+                      help="continue the newest search of this config; finished trials stay")
+    tune.set_defaults(run=cmd_tune)
+
+    tune_all = sub.add_parser("tune-all", help="one search per config file, in order")
+    tune_all.add_argument("configs", nargs="+", metavar="CONFIG", help="the data sets' YAML configs")
+    tune_all.add_argument("--set", dest="overrides", action="append", default=[],
+                          metavar="KEY=VALUE", help="an override applied to every config")
+    tune_all.set_defaults(run=cmd_tune_all)
+
+    evaluate = sub.add_parser("eval", help="evaluate a logged, registered or saved model on "
+                                           "every split of the config's data set")
+    evaluate.add_argument("--model", required=True, metavar="URI",
+                          help="models:/name/version, models:/name@alias, runs:/id/model, "
+                               "or a checkpoint folder or file")
+    _add_config(evaluate)
+    evaluate.set_defaults(run=cmd_eval)
+
+    submit = sub.add_parser("submit", help="run a flyp-ray command on a Ray cluster as a Ray job")
+    submit.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS"),
+                        help="the cluster's dashboard URL, e.g. http://127.0.0.1:8265 "
+                             "(default: $RAY_API_SERVER_ADDRESS)")
+    submit.add_argument("--wait", action="store_true",
+                        help="stream the job's logs and exit with its outcome")
+    submit.add_argument("--working-dir", help="the folder uploaded with the job (default: .)")
+    submit.add_argument("job_command", nargs=argparse.REMAINDER, metavar="-- COMMAND ...",
+                        help="the flyp-ray command to run there, e.g. -- tune CONFIG")
+    submit.set_defaults(run=cmd_submit)
+    demo = sub.add_parser("demo", help="the built-in default: synthetic data, tiny model, "
+                                       "local Ray, local MLflow")
+    demo.add_argument("--dir", default="flyp-ray-demo",
+                      help="where the demo's MLflow database and Ray results go")
+    demo.set_defaults(run=cmd_demo)
     return top
 
 
@@ -77,6 +113,58 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    """Submit the command after ``--`` as a Ray job; with --wait, its exit code."""
+    from pathlib import Path
+
+    from flyp_ray import submit
+
+    command = args.job_command[1:] if args.job_command[:1] == ["--"] else args.job_command
+    if not args.address:
+        raise BadInput("submit: --address is required (or set RAY_API_SERVER_ADDRESS)")
+    working_dir = Path(args.working_dir) if args.working_dir else None
+    return submit.run(args.address, command, working_dir=working_dir, wait_for_it=args.wait)
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    """Run or resume one search and print its summary last; 1 if no trial gave the metric."""
+    cfg = load_config(args)
+    _preflight(cfg)
+    from flyp_ray import tune
+
+    tune.check(cfg, resume=args.resume)
+    init_ray()
+    summary = tune.run_search(cfg, resume=args.resume)
+    print_json(summary)
+    return 0 if summary["best_trial_id"] is not None else 1
+
+
+def cmd_tune_all(args: argparse.Namespace) -> int:
+    """One search per config (all checked first); a table on stderr, a JSON line last."""
+    from flyp_ray import tune
+
+    cfgs = [config_mod.load(path, args.overrides) for path in args.configs]
+    for cfg in cfgs:
+        _preflight(cfg)
+        tune.check(cfg)
+    init_ray()
+    summaries = tune.run_all(cfgs)
+    tune.print_table(cfgs, summaries)
+    print_json({"searches": summaries})
+    return 0 if all(s.get("best_trial_id") for s in summaries) else 1
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate a model on every evaluation split; print its metrics as the JSON line last."""
+    cfg = load_config(args)
+    from flyp_ray import registry, tracking
+
+    tracking.check_uri(cfg.tracking.uri, cfg.source)
+    metrics = registry.evaluate_model(cfg, args.model)
+    print_json({"model": args.model, "metrics": metrics})
+    return 0
+
+
 def _preflight(cfg: config_mod.Config) -> None:
     """Everything that can be checked before Ray starts: data, model, tracking."""
     from flyp_ray import tracking
@@ -90,13 +178,30 @@ def _preflight(cfg: config_mod.Config) -> None:
     tracking.check_uri(cfg.tracking.uri, cfg.source)
 
 
+# Ray Train gives a worker group 60 s to start; on a busy or small machine, starting a worker
+# process that imports torch can take longer, and the trial would fail for no real reason.
+RAY_ENV = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300"}
+
+
 def init_ray() -> None:
     """Join the cluster in RAY_ADDRESS (or the one this job runs in), else start a local one."""
     import ray
 
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True,
-                 configure_logging=False)
+                 configure_logging=False, runtime_env={"env_vars": RAY_ENV})
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Pre-train the tiny model (cached), then a small FLYP search; summary JSON last."""
+    from pathlib import Path
+
+    from flyp_ray import demo
+
+    init_ray()
+    summary = demo.run_demo(Path(args.dir))
+    print_json(summary)
+    return 0 if summary.get("best_trial_id") is not None else 1
 
 
 def print_json(payload: dict[str, Any]) -> None:
@@ -108,9 +213,12 @@ def print_json(payload: dict[str, Any]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``flyp-ray`` and ``python -m flyp_ray``."""
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    # Libraries (open_clip logs every model build on the root logger) speak at WARNING; our own
+    # progress at INFO. All of it goes to stderr: stdout ends with the JSON result.
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    logging.getLogger("flyp_ray").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     run: Command = args.run
     try:
         return run(args)

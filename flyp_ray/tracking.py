@@ -7,6 +7,7 @@ is logged and retried, never raised into training: a flaky server must not kill 
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import mlflow
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.tracking import MlflowClient
 
 from flyp_ray.config import Config, to_dict, train_params
@@ -35,6 +36,8 @@ T = TypeVar("T")
 def redact(uri: str) -> str:
     """A tracking URI with any password or token replaced by ``***``."""
     parts = urllib.parse.urlsplit(uri)
+    if not parts.password and not parts.query:
+        return uri  # urlunsplit would also rewrite sqlite://// paths, so touch nothing
     if parts.password:
         netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
         parts = parts._replace(netloc=netloc)
@@ -92,7 +95,20 @@ def experiment_id(mlflow_client: MlflowClient, name: str) -> str:
     found = mlflow_client.get_experiment_by_name(name)
     if found is not None:
         return str(found.experiment_id)
-    return str(mlflow_client.create_experiment(name))
+    return str(mlflow_client.create_experiment(
+        name, artifact_location=artifact_location(mlflow_client.tracking_uri)))
+
+
+def artifact_location(uri: str) -> str | None:
+    """Beside the database for ``sqlite:///`` stores; the server's own choice otherwise.
+
+    MLflow's default for a database store is ``./mlruns`` under whatever folder the process
+    happens to run in, which scatters a search's models over working directories.
+    """
+    if not uri.startswith("sqlite:///"):
+        return None
+    database = Path(uri.removeprefix("sqlite:///")).expanduser().resolve()
+    return (database.parent / "mlartifacts").as_uri()
 
 
 def start_run(cfg: Config, run_name: str, tags: Mapping[str, str]) -> str:
@@ -132,3 +148,85 @@ def log_artifacts(uri: str, run_id: str, folder: Path | str, artifact_path: str)
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     """Close the run (FINISHED, FAILED or KILLED); retried, never raises."""
     _retry("end_run", lambda: MlflowClient(tracking_uri=uri).set_terminated(run_id, status))
+
+
+# --- searches: one parent run per search, one child run per trial --------------------------
+
+SEARCH_NAME_TAG = "flyp_ray.search_name"
+SEARCH_PATH_TAG = "flyp_ray.search_path"
+
+
+def _quoted(value: str) -> str:
+    """A string literal for an MLflow filter (which has no escape for a quote)."""
+    if "'" in value:
+        raise ValueError(f"cannot search MLflow for a value with a quote: {value!r}")
+    return f"'{value}'"
+
+
+def find_run(uri: str, experiment: str, tags: Mapping[str, str]) -> str | None:
+    """The newest run of ``experiment`` that carries all of ``tags``, or None."""
+    mlflow_client = client(uri)
+    found = mlflow_client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    where = " and ".join(f"tags.`{k}` = {_quoted(v)}" for k, v in tags.items())
+    runs = mlflow_client.search_runs([found.experiment_id], where, max_results=1,
+                                     order_by=["attributes.start_time DESC"])
+    return str(runs[0].info.run_id) if runs else None
+
+
+def search_params(cfg: Config) -> dict[str, str]:
+    """The search spec and the fixed settings of a search as flat MLflow params."""
+    search = to_dict(cfg)["search"]
+    params = {f"search.{k}": json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+              for k, v in search.items() if k not in ("space", "scheduler")}
+    params.update({f"search.scheduler.{k}": str(v) for k, v in search["scheduler"].items()})
+    params.update({f"search.space.{k}": json.dumps(v, sort_keys=True)
+                   for k, v in search["space"].items()})
+    params.update({f"train.{k}": str(v) for k, v in train_params(cfg.train).items()})
+    params.update({"dataset": cfg.dataset.name, "model.arch": cfg.model.arch,
+                   "model.pretrained": str(cfg.model.pretrained),
+                   "workers": str(cfg.resources.workers)})
+    return params
+
+
+def start_search_run(cfg: Config, name: str, path: str) -> str:
+    """Create the parent run of a search: the search spec as params, the config as artifact."""
+    mlflow_client = client(cfg.tracking.uri)
+    exp = experiment_id(mlflow_client, cfg.tracking.experiment)
+    tags = {KIND_TAG: "search", SEARCH_NAME_TAG: name, SEARCH_PATH_TAG: path}
+    run_id = str(mlflow_client.create_run(exp, run_name=name, tags=tags).info.run_id)
+    mlflow_client.log_batch(run_id, params=[Param(k, v) for k, v in search_params(cfg).items()])
+    mlflow_client.log_dict(run_id, to_dict(cfg), "config.yaml")
+    return run_id
+
+
+def start_trial_run(cfg: Config, parent_run_id: str, trial_id: str) -> str:
+    """Create a trial's child run, named after the trial id, with the flat TrainConfig as params."""
+    tags = {KIND_TAG: "trial", PARENT_TAG: parent_run_id, TRIAL_TAG: trial_id}
+    return start_run(cfg, trial_id, tags)
+
+
+def trial_runs(uri: str, experiment: str, parent_run_id: str) -> dict[str, Run]:
+    """The child runs of a search by trial id (the newest run where a trial id repeats)."""
+    mlflow_client = client(uri)
+    exp = experiment_id(mlflow_client, experiment)
+    runs = mlflow_client.search_runs([exp], f"tags.`{PARENT_TAG}` = {_quoted(parent_run_id)}",
+                                     order_by=["attributes.start_time ASC"])
+    return {run.data.tags[TRIAL_TAG]: run for run in runs if TRIAL_TAG in run.data.tags}
+
+
+def search_runs(uri: str, experiment: str) -> list[Run]:
+    """The finished parent runs of searches in ``experiment``, newest first."""
+    mlflow_client = client(uri)
+    found = mlflow_client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    where = f"tags.`{KIND_TAG}` = 'search' and attributes.status = 'FINISHED'"
+    return list(mlflow_client.search_runs([found.experiment_id], where,
+                                          order_by=["attributes.start_time DESC"]))
+
+
+def reopen_run(uri: str, run_id: str) -> None:
+    """Mark a run RUNNING again (a resumed search); retried, never raises."""
+    _retry("reopen_run", lambda: MlflowClient(tracking_uri=uri).update_run(run_id, "RUNNING"))

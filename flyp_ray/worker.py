@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import ray.train
+import ray.util
 import ray.train.torch
 from torch.utils.data import DataLoader
 
@@ -31,10 +32,11 @@ log = logging.getLogger(__name__)
 
 RESUME_FROM = "resume_from"  # train_loop_config key: a checkpoint folder to start from
 MLFLOW_RUN = "mlflow_run_id"  # train_loop_config key: the run rank 0 logs to
+PLACEMENT_GROUP = "placement_group"  # reported key: the worker group's placement group id
 
 
 def loader_workers(cfg: Config) -> int:
-    """DataLoader processes per Ray worker: ``dataset.loader_workers``, or for -1 its CPUs less one."""
+    """DataLoader processes per Ray worker: ``dataset.loader_workers``; -1: its CPUs less one."""
     if cfg.dataset.loader_workers >= 0:
         return cfg.dataset.loader_workers
     # Ray gives this worker cpus_per_worker CPUs: the training process keeps one, the rest decode.
@@ -82,6 +84,10 @@ def restore(run: Run, resume_from: str | None) -> int:
 def report(run: Run, cfg: Config, run_id: str | None, epoch: int,
            metrics: dict[str, float]) -> None:
     """Checkpoint (rank 0 writes it) and report the epoch; rank 0 logs metrics to MLflow."""
+    # MLflow first: once Tune sees the report, a scheduler may stop the trial and kill this
+    # worker, and the epoch it stopped on must still reach MLflow.
+    if run.rank == 0 and run_id is not None:
+        tracking.log_metrics(cfg.tracking.uri, run_id, metrics, step=epoch)
     with tempfile.TemporaryDirectory() as tmp:
         saved = None
         if run.rank == 0:
@@ -90,9 +96,19 @@ def report(run: Run, cfg: Config, run_id: str | None, epoch: int,
             checkpoint.save(Path(tmp), unwrap(run.model), run.state, epoch, metrics, prompts)
             saved = ray.train.Checkpoint.from_directory(tmp)
         # Every worker calls report: it is a barrier, and metrics come from rank 0.
-        ray.train.report(metrics, checkpoint=saved, checkpoint_dir_name=f"epoch_{epoch:04d}")
-    if run.rank == 0 and run_id is not None:
-        tracking.log_metrics(cfg.tracking.uri, run_id, metrics, step=epoch)
+        ray.train.report({**metrics, **placement_group()}, checkpoint=saved,
+                         checkpoint_dir_name=f"epoch_{epoch:04d}")
+
+
+def placement_group() -> dict[str, str]:
+    """The worker group's placement group id, reported so that a search can free it.
+
+    A Tune scheduler stops a trial by killing its process; the worker group's reserved CPUs
+    then stay held unless Ray Train's cleaner reaches the state API (it needs the dashboard and
+    a single Ray instance on the machine). The search frees them itself with this id.
+    """
+    group = ray.util.get_current_placement_group()
+    return {PLACEMENT_GROUP: group.id.hex()} if group is not None else {}
 
 
 def report_diverged(run: Run, metrics: dict[str, float], error: str) -> None:
