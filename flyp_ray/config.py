@@ -29,6 +29,7 @@ ParamType = Literal["float", "int", "categorical"]
 SchedulerType = Literal["none", "asha", "hyperband"]
 SamplerType = Literal["tpe", "random", "cmaes", "nsga2", "gp"]
 Mode = Literal["max", "min"]
+CacheKind = Literal["none", "memory", "disk"]
 
 SPLITS = ("train", "id_val", "id_test", "ood_val", "ood_test")
 
@@ -52,6 +53,10 @@ class TrainConfig:
     same_class: SameClass = "negative"  # same-class pairs in a batch: FLYP treats them as negatives
     local_loss: bool = False  # each worker scores only its own rows (faster, same gradients)
     eval_batch_size: int = 256  # per worker, for evaluation and the zero-shot head
+    # Speed options (docs/PERFORMANCE.md); each keeps the loss the same, tests/test_speed_options.
+    grad_checkpointing: bool = False  # recompute activations in backward: less memory, more FLOPs
+    compile: bool = False  # torch.compile the model in place; off until measured on the target
+    eval_splits: list[str] | None = None  # None: all splits every epoch; else these, all at the end
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +70,9 @@ class DatasetConfig:
     metadata: str = "metadata.csv"  # csv data sets: filepath,label,split[,group], relative to root
     download: bool = False  # WILDS only; never on unless asked
     subsample: int | None = None  # at most this many images per split (quick runs, tests)
-    loader_workers: int = 0  # DataLoader worker processes per Ray worker
+    loader_workers: int = 0  # DataLoader worker processes per Ray worker; -1: its CPUs less one
+    cache: CacheKind = "none"  # decode each image once into uint8 at model resolution
+    cache_dir: str | None = None  # disk cache: a folder on the node's local disk; None: temp dir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -312,6 +319,11 @@ def check_train(train: TrainConfig, source: str, prefix: str = "train") -> None:
                "must be between 0.01 and 10 (CLIP caps the logit scale at 100)")
     if train.grad_clip is not None:
         _check(train.grad_clip > 0, source, k("grad_clip"), train.grad_clip, "must be > 0")
+    if train.eval_splits is not None:
+        allowed = SPLITS[1:]
+        _check(bool(train.eval_splits) and all(s in allowed for s in train.eval_splits), source,
+               k("eval_splits"), train.eval_splits,
+               f"must be a non-empty list of {', '.join(allowed)}")
 
 
 def _check_space(search: SearchConfig, source: str) -> None:
@@ -354,6 +366,17 @@ def check_search(search: SearchConfig, source: str) -> None:
     _check_space(search, source)
 
 
+def _check_eval_splits(cfg: Config) -> None:
+    """With ``eval_splits``, early epochs report only those: they must hold the search metric."""
+    if cfg.train.eval_splits is None:
+        return
+    metrics = cfg.search.metric if isinstance(cfg.search.metric, list) else [cfg.search.metric]
+    for metric in metrics:
+        split = metric.split("/", 1)[0]
+        _check(split == "train" or split in cfg.train.eval_splits, cfg.source, "train.eval_splits",
+               cfg.train.eval_splits, f"must include {split} (search.metric is {metric})")
+
+
 def check(cfg: Config) -> Config:
     """All range checks; returns ``cfg`` so that calls chain."""
     src = cfg.source
@@ -370,8 +393,9 @@ def check(cfg: Config) -> Config:
            None, f"is required for dataset {cfg.dataset.name}")
     if cfg.dataset.subsample is not None:
         _check(cfg.dataset.subsample >= 1, src, "dataset.subsample", cfg.dataset.subsample, "must be >= 1")
-    _check(cfg.dataset.loader_workers >= 0, src, "dataset.loader_workers", cfg.dataset.loader_workers,
-           "must be >= 0")
+    _check(cfg.dataset.loader_workers >= -1, src, "dataset.loader_workers",
+           cfg.dataset.loader_workers, "must be >= 0, or -1 for one per CPU of the worker but one")
+    _check_eval_splits(cfg)
     check_search(cfg.search, src)
     return cfg
 

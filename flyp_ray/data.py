@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import importlib
 import importlib.util
 import sys
@@ -30,7 +31,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from flyp_ray import prompts, synthetic
+from flyp_ray import cache, prompts, synthetic
 from flyp_ray.config import SPLITS, DatasetConfig
 from flyp_ray.errors import ConfigError, DataError
 
@@ -51,6 +52,9 @@ class Split:
     # (y_pred, y_true, indices into this split) -> WILDS' own dataset.eval results (floats);
     # None if not WILDS
     official_eval: OfficialEval | None
+    # Run on each batch after its copy to the device; set when the items are cached uint8
+    # pixels (dataset.cache), None when they are ready as they come.
+    prepare: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +124,34 @@ def load_data(
     for name, src in loaded.sources.items():
         transform = train_transform if name == "train" else eval_transform
         splits[name] = _make_split(name, src, transform, cfg.subsample)
+    if cfg.cache != "none":
+        plan = cache.plan(train_transform, eval_transform, source)
+        splits = {name: _cached(split, loaded.sources[name], plan, cfg)
+                  for name, split in splits.items()}
     return Data(classnames=loaded.classnames, templates=templates, splits=splits)
+
+
+def _cached(split: Split, src: _Source, plan: cache.Plan, cfg: DatasetConfig) -> Split:
+    """``split`` with its items decoded once into uint8 pixels, augmented on the device."""
+    base = split.dataset
+    assert isinstance(base, ImageDataset)  # _make_split builds one
+    stored = ImageDataset(base.read, base.positions, base.labels, plan.store)
+    if cfg.cache == "memory":
+        store = cache.memory_store(len(stored), plan.size)
+    else:
+        # Everything that decides the pixels: a change in any of them is a new folder.
+        key = cache.cache_key({"name": cfg.name, "root": cfg.root, "metadata": cfg.metadata,
+                               "split": split.name, "transform": repr(plan.store),
+                               "positions": _digest(base.positions),
+                               "first": str(src.path(0)) if src.path and len(base) else ""})
+        folder = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else cache.default_dir()
+        store = cache.disk_store(folder, key, len(stored), plan.size)
+    return dataclasses.replace(split, dataset=cache.CachedImages(stored, store),
+                               prepare=plan.prepare(train=split.name == "train"))
+
+
+def _digest(values: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(values).tobytes()).hexdigest()[:20]
 
 
 def check_data(cfg: DatasetConfig, source: str) -> str:

@@ -88,8 +88,11 @@ def predict(model: torch.nn.Module, head: torch.Tensor, split: Split, *, batch_s
     scale = clip.logit_scale.exp().float()
     logits, indices = [], []
     for images, _, index in loader:
+        images = images.to(device, non_blocking=True)
+        if split.prepare is not None:  # cached uint8 pixels (dataset.cache)
+            images = split.prepare(images)
         with autocast(device, precision):
-            features = clip.encode_image(images.to(device, non_blocking=True), normalize=True)
+            features = clip.encode_image(images, normalize=True)
         logits.append((scale * features.float() @ head).cpu())
         indices.append(index)
     clip.train(was_training)

@@ -1,0 +1,134 @@
+"""The same FLYP step, data and batch in one plain process and inside one Ray Train worker.
+
+Prints the steady-state throughput of each and their ratio (target: Ray within 2% of plain).
+The two are measured in turns (plain, Ray, plain, Ray, ...) so that a machine shared with other
+work slows both alike; the medians are compared. Ray's start-up (a TorchTrainer's worker group)
+is reported separately: it is paid once per trial, not per step.
+
+    python bench/ray_overhead.py                       # tiny ViT, CPU, 2 threads
+    python bench/ray_overhead.py --arch ViT-B-16 --precision bf16 --batch 256 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from typing import Any
+
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import ray  # noqa: E402
+import ray.train  # noqa: E402
+import torch  # noqa: E402
+from ray.train.torch import TorchTrainer  # noqa: E402
+
+from _common import build_step, machine, median, spread, time_steps  # noqa: E402
+
+from flyp_ray.model import tiny_config_path  # noqa: E402
+
+
+def measure(config: dict[str, Any]) -> dict[str, float]:
+    """Build the step, warm up, and time ``steps`` steps: pairs per second."""
+    torch.set_num_threads(config["threads"])
+    device = torch.device(config["device"])
+    step = build_step(config["arch"], batch=config["batch"], image_size=None,
+                      precision=config["precision"], device=device)
+    for _ in range(config["warmup"]):
+        step()
+    # CPU seconds of this process (all its threads) besides wall seconds: on a machine shared
+    # with other work, wall time mostly measures the neighbours; CPU time measures the step.
+    cpu = time.process_time()
+    seconds = time_steps(step, config["steps"], device)
+    cpu_per_step = (time.process_time() - cpu) / config["steps"]
+    return {"pairs_per_s": config["batch"] / seconds,
+            "pairs_per_cpu_s": config["batch"] / cpu_per_step}
+
+
+def ray_worker(config: dict[str, Any]) -> None:
+    """The Ray Train per-worker function: the same measurement, reported through Ray."""
+    metrics = measure(config)
+    # Train V2 hands back only metrics that came with a checkpoint: attach an empty one.
+    with tempfile.TemporaryDirectory() as folder:
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def in_ray(config: dict[str, Any], storage: str, index: int) -> tuple[dict[str, float], float]:
+    """One TorchTrainer run with one worker: (its measurement, seconds fit() took)."""
+    resources = {"CPU": float(config["threads"])}
+    if config["device"] == "cuda":
+        resources["GPU"] = 1.0
+    trainer = TorchTrainer(
+        ray_worker, train_loop_config=config,
+        scaling_config=ray.train.ScalingConfig(num_workers=1, use_gpu=config["device"] == "cuda",
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(name=f"overhead-{index}", storage_path=storage))
+    start = time.perf_counter()
+    result = trainer.fit()
+    metrics = {k: float(result.metrics[k]) for k in ("pairs_per_s", "pairs_per_cpu_s")}
+    return metrics, time.perf_counter() - start
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", default="flyp-tiny-vit")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5, help="plain/Ray pairs, interleaved")
+    p.add_argument("--threads", type=int, default=2, help="torch threads = Ray worker CPUs")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse(argv)
+    arch = args.arch
+    if arch in ("flyp-tiny", "flyp-tiny-vit"):
+        arch = str(tiny_config_path(vit=arch.endswith("vit")))
+    config = {"arch": arch, "batch": args.batch, "precision": args.precision,
+              "steps": args.steps, "warmup": args.warmup, "threads": args.threads,
+              "device": args.device}
+    ray.init(num_cpus=max(args.threads, os.cpu_count() or 1), include_dashboard=False,
+             log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": HERE}})
+    plain: dict[str, list[float]] = {"pairs_per_s": [], "pairs_per_cpu_s": []}
+    in_worker: dict[str, list[float]] = {"pairs_per_s": [], "pairs_per_cpu_s": []}
+    startup = []
+    with tempfile.TemporaryDirectory() as storage:
+        for i in range(args.repeats):
+            for key, value in measure(config).items():
+                plain[key].append(value)
+            metrics, wall = in_ray(config, storage, i)
+            for key, value in metrics.items():
+                in_worker[key].append(value)
+            startup.append(wall)
+            print(f"repeat {i}: plain {plain['pairs_per_s'][-1]:.1f} pairs/s "
+                  f"({plain['pairs_per_cpu_s'][-1]:.1f} per CPU-s), Ray "
+                  f"{metrics['pairs_per_s']:.1f} ({metrics['pairs_per_cpu_s']:.1f})", flush=True)
+    ray.shutdown()
+    out: dict[str, Any] = {"arch": args.arch, "batch": args.batch, "precision": args.precision,
+                           "ray_fit_seconds": median(startup), "machine": machine()}
+    for key in ("pairs_per_s", "pairs_per_cpu_s"):
+        p, r = plain[key], in_worker[key]
+        out[key] = {"plain_median": median(p), "ray_median": median(r),
+                    "plain_best": max(p), "ray_best": max(r), "plain_noise": spread(p),
+                    "ray_noise": spread(r), "ratio_of_medians": median(r) / median(p),
+                    "ratio_of_bests": max(r) / max(p)}
+        o = out[key]
+        print(f"{key}: plain median {o['plain_median']:.1f} ({o['plain_noise']}), Ray "
+              f"{o['ray_median']:.1f} ({o['ray_noise']}); ray/plain {o['ratio_of_medians']:.3f} "
+              f"(medians), {o['ratio_of_bests']:.3f} (bests)")
+    print(f"a TorchTrainer.fit() with this work took {out['ray_fit_seconds']:.1f} s")
+    print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""Epochs Optuna TPE + ASHA spends to come within 1 point of a full grid's best ID-val accuracy.
+
+Both searches train the tiny model on the built-in synthetic data set with the package's loop
+(``loop.run_epochs``, one trial per Ray Tune trial, no Ray Train: what is measured is the search,
+not the trial's plumbing). The grid tries every combination of lr x temperature x weight_decay
+for ``--epochs`` epochs; Ray Tune's ``OptunaSearch`` (TPE) with ``ASHAScheduler`` (time attribute
+``epoch``) samples the same ranges. Every reported epoch counts as one epoch spent, in the order
+reported; the result is the search's epochs up to its first report within 1 point of the grid's
+best, as a fraction of the grid's epochs (target: at most 25%).
+
+    python bench/search_efficiency.py                     # 4 x 3 x 2 grid, 4 epochs, 24 samples
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import json
+import os
+import sys
+import tempfile
+import time
+from typing import Any
+
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import optuna  # noqa: E402
+import ray  # noqa: E402
+import ray.tune  # noqa: E402
+import torch  # noqa: E402
+from ray.tune.logger import JsonLoggerCallback  # noqa: E402
+from ray.tune.schedulers import ASHAScheduler  # noqa: E402
+from ray.tune.search.optuna import OptunaSearch  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from _common import machine  # noqa: E402
+
+from flyp_ray import loop  # noqa: E402
+from flyp_ray.config import DatasetConfig, ModelConfig, TrainConfig  # noqa: E402
+from flyp_ray.data import load_data  # noqa: E402
+from flyp_ray.model import load_model, tiny_config_path  # noqa: E402
+
+METRIC = "id_val/acc"
+GRID = {"lr": [1e-4, 3e-4, 1e-3, 3e-3], "temperature": [0.02, 0.05, 0.1],
+        "weight_decay": [0.0, 0.2]}
+
+
+def trainable(config: dict[str, Any]) -> None:
+    """One trial: the loop on synthetic data, reporting ID-val accuracy every epoch."""
+    torch.set_num_threads(1)
+    loop.seed_everything(0)
+    loaded = load_model(ModelConfig(arch=str(tiny_config_path()), pretrained=None))
+    data = load_data(DatasetConfig(name="synthetic", subsample=config["subsample"]),
+                     loaded.preprocess_train, loaded.preprocess_eval, "bench")
+    train = TrainConfig(epochs=config["epochs"], batch_size=32, warmup_steps=5,
+                        eval_batch_size=256, eval_splits=["id_val"], lr=config["lr"],
+                        temperature=config["temperature"], weight_decay=config["weight_decay"])
+    loader = DataLoader(data.splits["train"].dataset, batch_size=32, shuffle=True, drop_last=True)
+    run = loop.make_run(loaded.model, data, loaded.tokenizer, train, loader, torch.device("cpu"))
+
+    def report(epoch: int, metrics: dict[str, float]) -> None:
+        ray.tune.report({"epoch": epoch, METRIC: metrics[METRIC], "wall": time.time()})
+
+    loop.run_epochs(run, 0, report)
+
+
+def reports(results: ray.tune.ResultGrid) -> list[tuple[float, float]]:
+    """(wall time, accuracy) of every epoch reported by every trial."""
+    rows = []
+    for result in results:
+        frame = result.metrics_dataframe
+        if frame is None or "wall" not in frame:
+            raise RuntimeError(f"no per-epoch results from {result.path}: {result.error}")
+        rows += list(zip(frame["wall"], frame[METRIC], strict=True))
+    return sorted(rows)
+
+
+def run(param_space: dict[str, Any], storage: str, name: str, **tune: Any) -> ray.tune.ResultGrid:
+    tuner = ray.tune.Tuner(
+        ray.tune.with_resources(trainable, {"cpu": 1}), param_space=param_space,
+        tune_config=ray.tune.TuneConfig(metric=METRIC, mode="max", **tune),
+        # The JSON logger writes the per-epoch rows that metrics_dataframe reads back.
+        run_config=ray.tune.RunConfig(name=name, storage_path=storage, verbose=0,
+                                      callbacks=[JsonLoggerCallback()]))
+    return tuner.fit()
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--subsample", type=int, default=256, help="images per split")
+    p.add_argument("--samples", type=int, default=24, help="TPE + ASHA trials")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--concurrent", type=int, default=2)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse(argv)
+    fixed = {"epochs": args.epochs, "subsample": args.subsample}
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": HERE, "OMP_NUM_THREADS": "1"}})
+    with tempfile.TemporaryDirectory() as storage:
+        grid_space = {**fixed, **{k: ray.tune.grid_search(v) for k, v in GRID.items()}}
+        grid = reports(run(grid_space, storage, "grid", max_concurrent_trials=args.concurrent))
+        best = max(acc for _, acc in grid)
+        space = {name: optuna.distributions.FloatDistribution(
+                     min(values), max(values), log=name != "weight_decay")
+                 for name, values in GRID.items()}
+        searcher = OptunaSearch(space, metric=METRIC, mode="max",
+                                sampler=optuna.samplers.TPESampler(seed=args.seed))
+        asha = ASHAScheduler(time_attr="epoch", max_t=args.epochs, grace_period=1,
+                             reduction_factor=3)
+        found = reports(run(fixed, storage, "tpe-asha", search_alg=searcher, scheduler=asha,
+                            num_samples=args.samples, max_concurrent_trials=args.concurrent))
+    ray.shutdown()
+    grid_epochs = math.prod(len(v) for v in GRID.values()) * args.epochs
+    reached = next((i + 1 for i, (_, acc) in enumerate(found) if acc >= best - 0.01), None)
+    out = {"grid_best": best, "grid_epochs": grid_epochs, "grid_epochs_reported": len(grid),
+           "search_best": max(acc for _, acc in found), "search_epochs_total": len(found),
+           "search_epochs_to_within_1pt": reached,
+           "fraction": None if reached is None else reached / grid_epochs,
+           "machine": machine()}
+    print(f"grid: best {METRIC} {best:.4f} in {grid_epochs} epochs; TPE+ASHA: best "
+          f"{out['search_best']:.4f}, {len(found)} epochs in all")
+    if reached is None:
+        print("TPE+ASHA never came within 1 point of the grid's best")
+    else:
+        print(f"within 1 point after {reached} epochs = "
+              f"{100 * reached / grid_epochs:.0f}% of the grid's")
+    print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()
