@@ -27,9 +27,8 @@ sys.path.insert(0, HERE)
 import ray  # noqa: E402
 import ray.train  # noqa: E402
 import torch  # noqa: E402
-from ray.train.torch import TorchTrainer  # noqa: E402
-
 from _common import build_step, machine, median, spread, time_steps  # noqa: E402
+from ray.train.torch import TorchTrainer  # noqa: E402
 
 from flyp_ray.model import tiny_config_path  # noqa: E402
 

@@ -14,8 +14,8 @@ best, as a fraction of the grid's epochs (target: at most 25%).
 from __future__ import annotations
 
 import argparse
-import math
 import json
+import math
 import os
 import sys
 import tempfile
@@ -32,12 +32,11 @@ import optuna  # noqa: E402
 import ray  # noqa: E402
 import ray.tune  # noqa: E402
 import torch  # noqa: E402
+from _common import machine  # noqa: E402
 from ray.tune.logger import JsonLoggerCallback  # noqa: E402
 from ray.tune.schedulers import ASHAScheduler  # noqa: E402
 from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
-
-from _common import machine  # noqa: E402
 
 from flyp_ray import loop  # noqa: E402
 from flyp_ray.config import DatasetConfig, ModelConfig, TrainConfig  # noqa: E402

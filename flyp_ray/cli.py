@@ -53,7 +53,8 @@ def parser() -> argparse.ArgumentParser:
     tune.set_defaults(run=cmd_tune)
 
     tune_all = sub.add_parser("tune-all", help="one search per config file, in order")
-    tune_all.add_argument("configs", nargs="+", metavar="CONFIG", help="the data sets' YAML configs")
+    tune_all.add_argument("configs", nargs="+", metavar="CONFIG",
+                          help="the data sets' YAML configs")
     tune_all.add_argument("--set", dest="overrides", action="append", default=[],
                           metavar="KEY=VALUE", help="an override applied to every config")
     tune_all.set_defaults(run=cmd_tune_all)

@@ -236,7 +236,8 @@ def _coerce(value: Any, hint: Any, source: str, key: str) -> Any:
 
 def _mismatch(value: Any, hint: Any) -> str:
     names = [getattr(a, "__name__", str(a)) for a in get_args(hint)]
-    return f"expected {' or '.join(n.replace('NoneType', 'null') for n in names)}, got {_describe(value)}"
+    wanted = " or ".join(n.replace("NoneType", "null") for n in names)
+    return f"expected {wanted}, got {_describe(value)}"
 
 
 def _scalar(value: Any, hint: Any, source: str, key: str) -> Any:
@@ -331,14 +332,18 @@ def _check_space(search: SearchConfig, source: str) -> None:
     for name, spec in search.space.items():
         key = f"search.space.{name}"
         if name not in train_fields:
-            raise ConfigError(source, key, f"not a train field (searchable: {', '.join(sorted(train_fields))})")
+            known = ", ".join(sorted(train_fields))
+            raise ConfigError(source, key, f"not a train field (searchable: {known})")
         if spec.type == "categorical":
-            _check(bool(spec.choices), source, f"{key}.choices", spec.choices, "needs a non-empty list")
+            _check(bool(spec.choices), source, f"{key}.choices", spec.choices,
+                   "needs a non-empty list")
             continue
-        _check(spec.low is not None and spec.high is not None, source, key, dataclasses.asdict(spec),
+        _check(spec.low is not None and spec.high is not None, source, key,
+               dataclasses.asdict(spec),
                "needs low and high")
         assert spec.low is not None and spec.high is not None  # for the type checker
-        _check(spec.low < spec.high, source, f"{key}.low", spec.low, f"must be < high ({spec.high})")
+        _check(spec.low < spec.high, source, f"{key}.low", spec.low,
+               f"must be < high ({spec.high})")
         if spec.log:
             _check(spec.low > 0, source, f"{key}.low", spec.low, "must be > 0 with log: true")
         if spec.type == "int":
@@ -356,7 +361,8 @@ def check_search(search: SearchConfig, source: str) -> None:
     for i, m in enumerate(metrics):
         _check("/" in m, source, "search.metric", m, "must be a metric name like id_val/acc")
         del i
-    _check(search.num_samples >= 1, source, "search.num_samples", search.num_samples, "must be >= 1")
+    _check(search.num_samples >= 1, source, "search.num_samples", search.num_samples,
+           "must be >= 1")
     _check(search.max_concurrent_trials >= 1, source, "search.max_concurrent_trials",
            search.max_concurrent_trials, "must be >= 1")
     _check(search.scheduler.grace_period >= 1, source, "search.scheduler.grace_period",
@@ -383,8 +389,10 @@ def check(cfg: Config) -> Config:
     check_train(cfg.train, src)
     r = cfg.resources
     _check(r.workers >= 1, src, "resources.workers", r.workers, "must be >= 1")
-    _check(r.cpus_per_worker > 0, src, "resources.cpus_per_worker", r.cpus_per_worker, "must be > 0")
-    _check(r.gpus_per_worker >= 0, src, "resources.gpus_per_worker", r.gpus_per_worker, "must be >= 0")
+    _check(r.cpus_per_worker > 0, src, "resources.cpus_per_worker", r.cpus_per_worker,
+           "must be > 0")
+    _check(r.gpus_per_worker >= 0, src, "resources.gpus_per_worker", r.gpus_per_worker,
+           "must be >= 0")
     _check(r.max_failures >= -1, src, "resources.max_failures", r.max_failures,
            "must be >= 0 (or -1 for no limit)")
     _check(r.workers <= cfg.train.batch_size, src, "train.batch_size", cfg.train.batch_size,
@@ -392,7 +400,8 @@ def check(cfg: Config) -> Config:
     _check(cfg.dataset.name == "synthetic" or cfg.dataset.root is not None, src, "dataset.root",
            None, f"is required for dataset {cfg.dataset.name}")
     if cfg.dataset.subsample is not None:
-        _check(cfg.dataset.subsample >= 1, src, "dataset.subsample", cfg.dataset.subsample, "must be >= 1")
+        _check(cfg.dataset.subsample >= 1, src, "dataset.subsample", cfg.dataset.subsample,
+               "must be >= 1")
     _check(cfg.dataset.loader_workers >= -1, src, "dataset.loader_workers",
            cfg.dataset.loader_workers, "must be >= 0, or -1 for one per CPU of the worker but one")
     _check_eval_splits(cfg)
@@ -455,7 +464,8 @@ def apply_override(raw: dict[str, Any], item: str, source: str) -> dict[str, Any
     path = key.split(".")
     if len(path) == 1:
         if key not in _TRAIN_FIELDS and key != "storage":
-            raise ConfigError("--set", key, f"unknown key (a train field or a dotted path), value {text!r}")
+            raise ConfigError("--set", key, f"unknown key (a train field or a dotted path), "
+                                            f"value {text!r}")
         if key != "storage":
             path = ["train", key]
     value = parse_yaml(text, f"--set {key}") if text.strip() else None
@@ -474,7 +484,7 @@ def _set_in(raw: dict[str, Any], path: list[str], value: Any) -> dict[str, Any]:
 
 
 def with_train(cfg: Config, **values: Any) -> Config:
-    """A copy of ``cfg`` whose TrainConfig has ``values`` (e.g. a trial's sampled point), checked."""
+    """A copy of ``cfg`` whose TrainConfig has ``values`` (a trial's sampled point), checked."""
     unknown = set(values) - _TRAIN_FIELDS
     if unknown:
         raise ConfigError(cfg.source, f"train.{sorted(unknown)[0]}", "not a train field")

@@ -183,7 +183,7 @@ def all_finite(loss: torch.Tensor, world_size: int) -> bool:
 
 
 def train_epoch(run: Run, epoch: int) -> dict[str, float]:
-    """One pass over the training data; returns ``train/loss``, ``train/lr``, ``train/temperature``."""
+    """One pass over the training data: ``train/loss``, ``train/lr``, ``train/temperature``."""
     run.model.train()
     # Seeded per (seed, epoch, rank): a resumed run draws the same prompts as an uninterrupted one.
     generator = torch.Generator().manual_seed(run.train.seed * 100_003 + epoch * 101 + run.rank)

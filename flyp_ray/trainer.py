@@ -81,7 +81,8 @@ def build_trainer(cfg: Config, name: str, *, mlflow_run_id: str | None = None,
                         scaling_config=scaling(cfg), run_config=run_config)
 
 
-def best_of(result: ray.train.Result, metric: str, mode: str) -> tuple[ray.train.Checkpoint, dict[str, Any]]:
+def best_of(result: ray.train.Result, metric: str,
+            mode: str) -> tuple[ray.train.Checkpoint, dict[str, Any]]:
     """The kept checkpoint with the best ``metric`` and its metrics."""
     kept = result.best_checkpoints or []
     scored = [(c, m) for c, m in kept if metric in m]
@@ -95,7 +96,7 @@ def best_of(result: ray.train.Result, metric: str, mode: str) -> tuple[ray.train
 
 def new_name(cfg: Config) -> str:
     """A fresh run name: the config's stem and a short random suffix."""
-    stem = Path(cfg.source).stem if cfg.source.startswith("<") is False else "run"
+    stem = "run" if cfg.source.startswith("<") else Path(cfg.source).stem
     return f"train-{stem}-{uuid.uuid4().hex[:8]}"
 
 

@@ -16,15 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import ray.train
-import ray.util
 import ray.train.torch
+import ray.util
 from torch.utils.data import DataLoader
 
 from flyp_ray import checkpoint, tracking
 from flyp_ray.config import Config
 from flyp_ray.data import Data, load_data
-from flyp_ray.evaluate import unwrap
 from flyp_ray.errors import TrialDiverged
+from flyp_ray.evaluate import unwrap
 from flyp_ray.loop import Run, diverged_metrics, make_run, run_epochs, seed_everything
 from flyp_ray.model import apply_temperature, load_model
 

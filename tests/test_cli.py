@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 import torch
-
 from conftest import tiny_config, write_config
 
 

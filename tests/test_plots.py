@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import tiny_config, write_config
 from mlflow import MlflowClient
 
-from conftest import tiny_config, write_config
 from flyp_ray import config, plots, tracking
 
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -16,9 +16,9 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config, write_config
 from mlflow import MlflowClient
 
-from conftest import tiny_config, write_config
 from flyp_ray import checkpoint, cli, config, registry, synthetic, tracking
 from flyp_ray.data import load_data
 from flyp_ray.loop import build_state

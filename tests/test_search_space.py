@@ -8,13 +8,12 @@ from typing import Any
 
 import optuna
 import pytest
+from conftest import tiny_config, write_config
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from ray.tune.search.optuna import OptunaSearch
 
 from flyp_ray import config, search_space
 from flyp_ray.errors import ConfigError
-
-from conftest import tiny_config, write_config
 
 
 def load(tmp_path: Path, **search: Any) -> config.Config:

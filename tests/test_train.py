@@ -9,11 +9,10 @@ from typing import Any
 import mlflow
 import pytest
 import torch
-
-from flyp_ray import cli
-
 from conftest import tiny_config, write_config
 from wilds_folder import write_iwildcam
+
+from flyp_ray import cli
 
 pytestmark = pytest.mark.slow
 

@@ -12,19 +12,17 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import ray.util
+from conftest import tiny_config, write_config
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
+from wilds_folder import write_iwildcam
 
 from flyp_ray import cli, config, tracking, tune
-
-from conftest import tiny_config, write_config
-from wilds_folder import write_iwildcam
 
 pytestmark = pytest.mark.slow
 
