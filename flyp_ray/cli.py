@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from flyp_ray import config as config_mod
-from flyp_ray.errors import BadInput, FlypRayError
+from flyp_ray.errors import BadInput, ConfigError, FlypRayError
 
 log = logging.getLogger("flyp_ray")
 
@@ -108,7 +108,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     _preflight(cfg)
     from flyp_ray import trainer
 
-    init_ray()
+    init_ray(cfg)
     outcome = trainer.train(cfg, name=args.name, resume_from=args.resume_from)
     print_json(outcome.as_json())
     return 0
@@ -134,7 +134,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from flyp_ray import tune
 
     tune.check(cfg, resume=args.resume)
-    init_ray()
+    init_ray(cfg)
     summary = tune.run_search(cfg, resume=args.resume)
     print_json(summary)
     return 0 if summary["best_trial_id"] is not None else 1
@@ -149,6 +149,8 @@ def cmd_tune_all(args: argparse.Namespace) -> int:
         _preflight(cfg)
         tune.check(cfg)
     init_ray()
+    for cfg in cfgs:
+        check_fits(cfg, _cluster_resources())
     summaries = tune.run_all(cfgs)
     tune.print_table(cfgs, summaries)
     print_json({"searches": summaries})
@@ -184,13 +186,42 @@ def _preflight(cfg: config_mod.Config) -> None:
 RAY_ENV = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300"}
 
 
-def init_ray() -> None:
-    """Join the cluster in RAY_ADDRESS (or the one this job runs in), else start a local one."""
+def init_ray(cfg: config_mod.Config | None = None) -> None:
+    """Join the cluster in RAY_ADDRESS (or the one this job runs in), else start a local one.
+
+    With ``cfg``, a run whose workers could never be placed is refused here, rather than
+    waiting for resources that the cluster does not have.
+    """
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True,
-                 configure_logging=False, runtime_env={"env_vars": RAY_ENV})
+        address = os.environ.get("RAY_ADDRESS")
+        try:
+            ray.init(address=address, log_to_driver=True, configure_logging=False,
+                     runtime_env={"env_vars": RAY_ENV})
+        except (ConnectionError, TimeoutError) as err:
+            raise BadInput(f"RAY_ADDRESS: cannot reach a Ray cluster at {address!r} "
+                           f"({type(err).__name__})") from None
+    if cfg is not None:
+        check_fits(cfg, ray.cluster_resources())
+
+
+def _cluster_resources() -> dict[str, float]:
+    import ray
+
+    return dict(ray.cluster_resources())
+
+
+def check_fits(cfg: config_mod.Config, cluster: dict[str, float]) -> None:
+    """Refuse a worker group that needs more GPUs or CPUs than the whole cluster has."""
+    r = cfg.resources
+    for name, key, per_worker in (("GPU", "gpus_per_worker", r.gpus_per_worker),
+                                  ("CPU", "cpus_per_worker", r.cpus_per_worker)):
+        need, have = r.workers * per_worker, cluster.get(name, 0.0)
+        if need > have:
+            raise ConfigError(
+                cfg.source, f"resources.{key}", f"{r.workers} worker(s) x {per_worker:g} "
+                f"{name} need {need:g}, but the Ray cluster has {have:g}")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

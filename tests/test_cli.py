@@ -80,3 +80,86 @@ def test_validate_accepts_a_good_config(tmp_path: Path) -> None:
                       cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "config ok" in result.stdout and "synthetic" in result.stdout
+
+
+# --- the same contract in-process: every level of the config, and the checks after it ------
+
+SPACE = {"lr": {"type": "float", "low": 1.0e-4, "high": 1.0e-2, "log": True}}
+
+# (name, command, config sections, text the one-line message must contain)
+IN_PROCESS: list[tuple[str, str, dict[str, Any], list[str]]] = [
+    ("unknown dataset key", "validate", {"dataset": {"rooot": "/x"}}, ["dataset.rooot"]),
+    ("unknown model key", "validate", {"model": {"archh": "x"}}, ["model.archh"]),
+    ("unknown scheduler key", "validate", {"search": {"scheduler": {"grace": 1}}},
+     ["search.scheduler.grace"]),
+    ("unknown space key", "validate",
+     {"search": {"space": {"lr": {"type": "float", "low": 0.1, "high": 1.0, "lgo": True}}}},
+     ["search.space.lr.lgo"]),
+    ("low >= high", "validate",
+     {"search": {"space": {"lr": {"type": "float", "low": 0.1, "high": 0.1}}}},
+     ["search.space.lr.low", "0.1"]),
+    ("log with low <= 0", "validate",
+     {"search": {"space": {"lr": {"type": "float", "low": 0.0, "high": 0.1, "log": True}}}},
+     ["search.space.lr.low", "0.0"]),
+    ("space key not a train field", "validate",
+     {"search": {"space": {"lrate": {"type": "float", "low": 0.1, "high": 1.0}}}},
+     ["search.space.lrate", "not a train field"]),
+    ("num_samples 0", "validate", {"search": {"num_samples": 0}}, ["search.num_samples", "0"]),
+    ("empty search space", "tune", {"search": {"space": {}}}, ["search.space"]),
+    ("number as a string", "validate", {"train": {"weight_decay": "0.1"}},
+     ["train.weight_decay", "'0.1'"]),
+    ("bool as a string", "validate", {"train": {"learn_temperature": "yes"}},
+     ["train.learn_temperature", "'yes'"]),
+    ("unreachable MLflow server", "train", {"tracking": {"uri": "http://127.0.0.1:9"}},
+     ["tracking.uri", "127.0.0.1:9"]),
+]
+
+
+@pytest.mark.parametrize(("command", "sections", "needles"), [c[1:] for c in IN_PROCESS],
+                         ids=[c[0] for c in IN_PROCESS])
+def test_bad_input_in_process(tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str,
+                              sections: dict[str, Any], needles: list[str]) -> None:
+    from flyp_ray import cli
+
+    raw = tiny_config(tmp_path, search={"space": SPACE})
+    for name, values in sections.items():
+        raw[name] = {**raw.get(name, {}), **values}
+    path = write_config(tmp_path / "bad.yaml", raw)
+
+    assert cli.main([command, str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"flyp-ray: error: {path}"), err
+    assert all(needle in err[-1] for needle in needles), err[-1]
+    assert not (tmp_path / "results").exists()  # refused before anything was written
+
+
+def test_folder_without_metadata(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from flyp_ray import cli
+
+    (tmp_path / "wilds" / "iwildcam_v2.0").mkdir(parents=True)
+    raw = tiny_config(tmp_path, dataset={"name": "iwildcam", "root": str(tmp_path / "wilds")})
+    assert cli.main(["validate", str(write_config(tmp_path / "c.yaml", raw))]) == 2
+    assert "iwildcam_v2.0" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_classname_file_with_the_wrong_count(tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from flyp_ray import cli
+
+    (tmp_path / "names.txt").write_text("circle\nsquare\ntriangle\n")
+    raw = tiny_config(tmp_path, dataset={"classnames": str(tmp_path / "names.txt")})
+    assert cli.main(["validate", str(write_config(tmp_path / "c.yaml", raw))]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "dataset.classnames" in last and "names.txt" in last
+
+
+def test_more_gpus_than_the_cluster_has(ray_session: None, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from flyp_ray import cli
+
+    raw = tiny_config(tmp_path, resources={"workers": 2, "gpus_per_worker": 1})
+    assert cli.main(["train", str(write_config(tmp_path / "c.yaml", raw))]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "resources.gpus_per_worker: 2 worker(s) x 1 GPU need 2, but the Ray cluster has 0" \
+        in last
+    assert not (tmp_path / "results").exists()
