@@ -76,18 +76,19 @@ def client(uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=uri)
 
 
-def _retry(what: str, fn: Callable[[], T]) -> T | None:
-    """Run ``fn``, retrying with backoff; log and return None if it keeps failing."""
-    for attempt in range(RETRIES):
+def _retry(what: str, fn: Callable[[], T],
+           retries: int = RETRIES) -> tuple[bool, T | None]:
+    """Run ``fn``, retrying with backoff; (False, None) if it keeps failing, logged."""
+    for attempt in range(retries):
         try:
-            return fn()
+            return True, fn()
         except Exception as err:  # noqa: BLE001 - any tracking failure must not stop training
             wait = 2.0**attempt
             log.warning("MLflow %s failed (%s: %s); retry %d/%d in %.0fs", what,
-                        type(err).__name__, str(err)[:200], attempt + 1, RETRIES, wait)
+                        type(err).__name__, str(err)[:200], attempt + 1, retries, wait)
             time.sleep(wait)
-    log.error("MLflow %s failed %d times; carrying on without it", what, RETRIES)
-    return None
+    log.error("MLflow %s failed %d times; carrying on without it", what, retries)
+    return False, None
 
 
 def experiment_id(mlflow_client: MlflowClient, name: str) -> str:
@@ -126,11 +127,37 @@ def start_run(cfg: Config, run_name: str, tags: Mapping[str, str]) -> str:
     return run_id
 
 
+# Metrics that could not be sent, per (tracking URI, run): sent first with the next batch.
+# MLflow's own async logging drops a batch that fails while the server is down; this does not.
+_PENDING: dict[tuple[str, str], list[Metric]] = {}
+MAX_BATCH = 1000  # MLflow's log_batch limit on metrics per call
+
+
 def log_metrics(uri: str, run_id: str, metrics: Mapping[str, float], step: int) -> None:
-    """Log one epoch's metrics with ``step=epoch``; retried, never raises."""
+    """Log one epoch's metrics with ``step=epoch``; kept and replayed if MLflow is away."""
     now = int(time.time() * 1000)
-    batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-    _retry("log_metrics", lambda: MlflowClient(tracking_uri=uri).log_batch(run_id, metrics=batch))
+    batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if _numeric(v)]
+    _PENDING.setdefault((uri, run_id), []).extend(batch)
+    flush(uri, run_id)
+
+
+def flush(uri: str, run_id: str, retries: int = RETRIES) -> bool:
+    """Send the run's pending metrics; True when nothing is left. Never raises."""
+    pending = _PENDING.get((uri, run_id), [])
+    while pending:
+        chunk = pending[:MAX_BATCH]
+        sent, _ = _retry("log_metrics", lambda: MlflowClient(tracking_uri=uri).log_batch(
+            run_id, metrics=chunk), retries)
+        if not sent:
+            log.warning("%d metric values of run %s kept to send later", len(pending), run_id)
+            return False
+        del pending[:len(chunk)]
+    _PENDING.pop((uri, run_id), None)
+    return True
+
+
+def _numeric(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def set_tags(uri: str, run_id: str, tags: Mapping[str, Any]) -> None:

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 RESUME_FROM = "resume_from"  # train_loop_config key: a checkpoint folder to start from
 MLFLOW_RUN = "mlflow_run_id"  # train_loop_config key: the run rank 0 logs to
+FINAL_FLUSH_RETRIES = 7  # backoff 1 + 2 + ... + 64 s: about two minutes for MLflow to return
 PLACEMENT_GROUP = "placement_group"  # reported key: the worker group's placement group id
 
 
@@ -140,6 +141,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     try:
         run_epochs(run, start, report_epoch)
+        if run.rank == 0 and run_id is not None:
+            # Metrics an MLflow outage held back: a last, longer try before the worker exits.
+            tracking.flush(cfg.tracking.uri, run_id, retries=FINAL_FLUSH_RETRIES)
     except TrialDiverged as err:
         log.warning("run diverged: %s", err)
         metrics = diverged_metrics(last[0] + 1, objectives(cfg))

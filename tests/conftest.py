@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -77,43 +82,51 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real MLflow tracking server on 127.0.0.1 (sqlite backend), stopped by its PID."""
-    import signal
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
-    folder = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    # One gunicorn worker and no job runner: the default spawns many processes (DESIGN facts).
+def start_mlflow_server(folder: Path, port: int) -> subprocess.Popen[bytes]:
+    """A real MLflow tracking server on 127.0.0.1:port (sqlite backend), answering /health."""
+    # One worker and no job runner: the default spawns many processes (DESIGN facts).
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     mlflow_cli = Path(sys.executable).with_name("mlflow")
     server = subprocess.Popen(
         [str(mlflow_cli), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
          "--artifacts-destination", str(folder / "artifacts")],
-        env=env, stdout=open(folder / "server.log", "w"), stderr=subprocess.STDOUT,
+        env=env, stdout=open(folder / "server.log", "a"), stderr=subprocess.STDOUT,
         start_new_session=True)
     deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as reply:
-                if reply.status == 200:
-                    break
-        except OSError:
-            pass
+    while not _healthy(f"http://127.0.0.1:{port}"):
         if server.poll() is not None or time.monotonic() > deadline:
-            os.killpg(server.pid, signal.SIGKILL)
-            raise RuntimeError(f"MLflow server did not start: {(folder / 'server.log').read_text()[-2000:]}")
+            stop_server(server)
+            log = (folder / "server.log").read_text()[-2000:]
+            raise RuntimeError(f"MLflow server did not start: {log}")
         time.sleep(0.5)
-    yield uri
-    os.killpg(server.pid, signal.SIGTERM)  # the server and its gunicorn worker
+    return server
+
+
+def _healthy(uri: str) -> bool:
     try:
+        with urllib.request.urlopen(f"{uri}/health", timeout=2) as reply:
+            return bool(reply.status == 200)
+    except OSError:
+        return False
+
+
+def stop_server(server: subprocess.Popen[bytes]) -> None:
+    """Stop a server started in its own session: its whole process group, by PID."""
+    try:
+        os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=20)
+    except ProcessLookupError:
+        return
     except subprocess.TimeoutExpired:
         os.killpg(server.pid, signal.SIGKILL)
         server.wait()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real MLflow tracking server for the session, stopped by its PID at the end."""
+    port = free_port()
+    server = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"), port)
+    yield f"http://127.0.0.1:{port}"
+    stop_server(server)

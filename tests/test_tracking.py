@@ -33,3 +33,34 @@ def test_sqlite_artifacts_live_beside_the_database(tmp_path: Path) -> None:
     location = tracking.artifact_location(f"sqlite:///{tmp_path}/mlflow.db")
     assert location == (tmp_path / "mlartifacts").as_uri()
     assert tracking.artifact_location("http://mlflow:5000") is None
+
+
+@pytest.mark.slow
+def test_metrics_survive_an_mlflow_outage(tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow
+
+    from conftest import free_port, start_mlflow_server, stop_server
+
+    # Fail fast while the server is down: MLflow's own client would otherwise retry for minutes.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    monkeypatch.setattr(tracking.time, "sleep", lambda seconds: None)
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = start_mlflow_server(tmp_path, port)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    run_id = client.create_run(client.create_experiment("outage")).info.run_id
+    tracking.log_metrics(uri, run_id, {"id_val/acc": 0.1}, step=1)
+
+    stop_server(server)
+    tracking.log_metrics(uri, run_id, {"id_val/acc": 0.2}, step=2)  # the server is gone
+    assert not tracking.flush(uri, run_id)
+
+    server = start_mlflow_server(tmp_path, port)
+    try:
+        tracking.log_metrics(uri, run_id, {"id_val/acc": 0.3}, step=3)
+        history = client.get_metric_history(run_id, "id_val/acc")
+    finally:
+        stop_server(server)
+    assert sorted((m.step, m.value) for m in history) == [(1, 0.1), (2, 0.2), (3, 0.3)]
