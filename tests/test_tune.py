@@ -224,7 +224,9 @@ def test_tune_all_warm_starts_from_the_previous_best(ray_session: None, tmp_path
     assert "first.yaml" in err and "second.yaml" in err  # the table of best results
     from ray.tune import ExperimentAnalysis
 
-    second_trials = ExperimentAnalysis(two["search_path"]).trials
+    # In the order Tune created them (the tag starts with the trial's number), not finished.
+    second_trials = sorted(ExperimentAnalysis(two["search_path"]).trials,
+                           key=lambda t: int(t.experiment_tag.split("_")[0]))
     assert second_trials[0].config == {"lr": one["best_config"]["lr"]}
     assert second_trials[1].config != second_trials[0].config
 
