@@ -156,6 +156,13 @@ def flush(uri: str, run_id: str, retries: int = RETRIES) -> bool:
     return True
 
 
+def last_step(uri: str, run_id: str, key: str) -> int:
+    """The highest step of metric ``key`` in the run (0 if none, or if MLflow is away)."""
+    _, history = _retry("get_metric_history", lambda: MlflowClient(
+        tracking_uri=uri).get_metric_history(run_id, key))
+    return max((m.step for m in history or []), default=0)
+
+
 def _numeric(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 

@@ -259,7 +259,9 @@ def trial_records(cfg: Config, search: Search) -> list[dict[str, Any]]:
         frame = frames.get(trial.trial_id)
         rows = frame.to_dict("records") if frame is not None and len(frame) else []
         rows = rows or ([trial.last_result] if trial.last_result else [])
-        best = _best_row(rows, metric, mode)
+        # Ray Train keeps only the best and the latest checkpoint; on a tie it may have kept
+        # another epoch than the first best row, so epochs whose checkpoint is gone lose.
+        best = _best_row(_kept(rows) or rows, metric, mode)
         epochs = max((int(r.get("epoch", 0) or 0) for r in rows), default=0)
         records.append({
             "trial_id": trial.trial_id,
@@ -270,6 +272,19 @@ def trial_records(cfg: Config, search: Search) -> list[dict[str, Any]]:
             "checkpoint": (best or {}).get(CHECKPOINT_PATH_KEY),
         })
     return records
+
+
+def _kept(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows whose checkpoint folder still exists."""
+    kept = []
+    for row in rows:
+        path = row.get(CHECKPOINT_PATH_KEY)
+        if isinstance(path, str) and path:
+            fs, inner = pyarrow.fs.FileSystem.from_uri(path if "://" in path else
+                                                       Path(path).resolve().as_uri())
+            if fs.get_file_info(inner).type == pyarrow.fs.FileType.Directory:
+                kept.append(row)
+    return kept
 
 
 def _best_row(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:

@@ -134,9 +134,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     run = build_run(cfg)
     start = restore(run, loop_config.get(RESUME_FROM))
     last = [start]
+    # A restarted worker group (from epoch k's checkpoint, or from scratch) may have logged
+    # epoch k+1 before it died: log each epoch to MLflow once, so the run has no duplicates.
+    logged = (tracking.last_step(cfg.tracking.uri, run_id, "epoch")
+              if run.rank == 0 and run_id is not None else 0)
 
     def report_epoch(epoch: int, metrics: dict[str, float]) -> None:
-        report(run, cfg, run_id, epoch, metrics)
+        report(run, cfg, run_id if epoch > logged else None, epoch, metrics)
         last[0] = epoch
 
     try:

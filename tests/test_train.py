@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -103,3 +104,42 @@ def test_diverged_run_stops_and_says_so(ray_session: None, tmp_path: Path,
     assert run.info.status == "FAILED"
     assert run.data.tags["flyp_ray.status"] == "diverged"
     assert history(raw["tracking"]["uri"], run.info.run_id, "id_val/acc") == [(1, 0.0)]
+
+
+def test_killed_worker_resumes_from_its_checkpoint(ray_session: None, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    import signal
+    import subprocess
+    import threading
+    import time
+
+    raw = tiny_config(tmp_path, dataset={"subsample": 128},
+                      train={"epochs": 4, "batch_size": 16},
+                      resources={"max_failures": 1})
+    path = write_config(tmp_path / "c.yaml", raw)
+    uri = raw["tracking"]["uri"]
+    codes: list[int] = []
+    thread = threading.Thread(target=lambda: codes.append(cli.main(["train", str(path)])))
+    thread.start()
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    deadline = time.monotonic() + 240
+    while True:  # wait for epoch 1 in MLflow, then kill the Train worker process for real
+        runs = (client.search_runs([e.experiment_id for e in client.search_experiments()])
+                if Path(uri.removeprefix("sqlite:///")).exists() else [])
+        if runs and history(uri, runs[0].info.run_id, "epoch"):
+            break
+        assert time.monotonic() < deadline and thread.is_alive(), "no epoch was logged"
+        time.sleep(0.5)
+    pids = subprocess.run(["pgrep", "-f", "ray::RayTrainWorker"], capture_output=True,
+                          text=True).stdout.split()
+    assert pids
+    for pid in pids:
+        os.kill(int(pid), signal.SIGKILL)
+    thread.join(timeout=300)
+
+    assert codes == [0]
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    steps = [s for s, _ in history(uri, out["mlflow_run_id"], "epoch")]
+    assert steps == [1, 2, 3, 4]  # every epoch once: no gap, no duplicate after the restart
+    assert out["best_epoch"] in (1, 2, 3, 4)
