@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -20,8 +21,12 @@ from wilds.common.metrics.all_metrics import F1, Accuracy
 from flyp_ray.data import Split
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The CLIP model inside a DistributedDataParallel wrapper (or the model itself)."""
+def unwrap(model: torch.nn.Module) -> Any:
+    """The CLIP model inside a DistributedDataParallel wrapper (or the model itself).
+
+    Typed ``Any``: open_clip's models (CLIP, CustomTextCLIP) share ``encode_image``,
+    ``encode_text`` and ``logit_scale`` without a common typed interface.
+    """
     return getattr(model, "module", model)
 
 
@@ -82,7 +87,7 @@ def predict(model: torch.nn.Module, head: torch.Tensor, split: Split, *, batch_s
     clip.eval()
     # A strided shard instead of a DistributedSampler: the sampler pads with repeats, which
     # would count some images twice in the metrics.
-    shard = Subset(split.dataset, range(rank, len(split.dataset), world_size))
+    shard = Subset(split.dataset, range(rank, len(split.labels), world_size))
     loader = DataLoader(shard, batch_size=batch_size, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
     scale = clip.logit_scale.exp().float()

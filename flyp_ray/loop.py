@@ -46,7 +46,8 @@ def check_method(train: TrainConfig) -> None:
 def build_optimizer(model: torch.nn.Module, train: TrainConfig,
                     device: torch.device) -> torch.optim.AdamW:
     """AdamW over every trainable parameter; no weight decay on gains, biases and logit scale."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, param in unwrap(model).named_parameters():
         if not param.requires_grad:
             continue

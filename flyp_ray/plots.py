@@ -11,6 +11,7 @@ A plot is a convenience: any failure is logged as a warning and never reaches th
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -18,7 +19,7 @@ import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import matplotlib
 
@@ -64,7 +65,8 @@ def log_search_plots(cfg: Config, parent_run_id: str, records: Sequence[Record])
 def study_from_records(cfg: Config, records: Sequence[Record]) -> optuna.Study:
     """An in-memory Optuna study holding one frozen trial per usable record."""
     metrics, modes = objectives(cfg.search)
-    directions = ["maximize" if mode == "max" else "minimize" for mode in modes]
+    directions: list[Literal["minimize", "maximize"]] = [
+        "maximize" if mode == "max" else "minimize" for mode in modes]
     study = optuna.create_study(directions=directions)
     space = distributions(cfg)
     for record in records:
@@ -116,8 +118,8 @@ def draw_all(cfg: Config, study: optuna.Study, records: Sequence[Record],
     for i, metric in enumerate(metrics):
         suffix = "" if len(metrics) == 1 else f"_{_slug(metric)}"
         name = f"optimization_history{suffix}"
-        plots[name] = lambda i=i, metric=metric: optuna_plots.plot_optimization_history(
-            study, target=_target(study, i), target_name=metric)
+        plots[name] = functools.partial(optuna_plots.plot_optimization_history, study,
+                                        target=_target(study, i), target_name=metric)
     # Importances need a spread to explain: two trials and a parameter that took two values.
     if len(complete) >= 2 and varying:
         plots["param_importances"] = lambda: optuna_plots.plot_param_importances(

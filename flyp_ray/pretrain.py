@@ -120,7 +120,7 @@ def train(*, steps: int, seed: int) -> torch.nn.Module:
         clamp_logit_scale(model)
         if step % LOG_EVERY == 0 or step == steps:
             log.info("pretrain step %d/%d: loss %.3f, temperature %.4f", step, steps,
-                     loss.item(), 1.0 / model.logit_scale.exp().item())
+                     loss.item(), 1.0 / float(model.logit_scale.exp()))  # type: ignore[operator]
     return model.eval()
 
 
@@ -166,7 +166,8 @@ def _batches(pool: int, steps: int, generator: torch.Generator) -> Iterator[torc
 
 
 def _optimizer(model: torch.nn.Module) -> torch.optim.AdamW:
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, param in model.named_parameters():
         # CLIP's recipe: no decay on gains, biases and the temperature.
         exempt = param.ndim < 2 or "logit_scale" in name or "bias" in name

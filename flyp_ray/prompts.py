@@ -98,7 +98,9 @@ def builtin_classnames(dataset: str) -> list[str] | None:
         resource = importlib.resources.files("flyp_ray").joinpath(f"classnames/{dataset}.txt")
         return _parse_names(resource.read_text("utf-8"))
     if dataset == "synthetic":
-        from flyp_ray.synthetic import CLASSNAMES  # local: keeps prompts free of numpy drawing code
+        from flyp_ray.synthetic import (
+            CLASSNAMES,  # local: keeps prompts free of numpy drawing code
+        )
 
         return list(CLASSNAMES)
     return None
@@ -119,17 +121,17 @@ def classnames_for(
             problem = f"{file} has {len(names)} names but {dataset} has {num_classes} classes"
             raise ConfigError(source, "dataset.classnames", problem)
         return names
-    names = builtin_classnames(dataset)
-    if names is None:
+    builtin = builtin_classnames(dataset)
+    if builtin is None:
         problem = f"is required for dataset {dataset} (a file, one class name a line), got None"
         raise ConfigError(source, "dataset.classnames", problem)
     if num_classes is None:
-        return names
-    if num_classes > len(names):
-        problem = (f"the built-in {dataset} list has {len(names)} names but the data has "
+        return builtin
+    if num_classes > len(builtin):
+        problem = (f"the built-in {dataset} list has {len(builtin)} names but the data has "
                    f"{num_classes} classes; give a file with {num_classes} names")
         raise ConfigError(source, "dataset.classnames", problem)
-    return names[:num_classes]
+    return builtin[:num_classes]
 
 
 def read_classnames(file: str, source: str) -> list[str]:

@@ -130,7 +130,7 @@ def from_checkpoint(cfg: Config, checkpoint_dir: str | Path) -> Classifier:
     loaded = load_model(spec, cfg.source)
     meta = checkpoint.load_weights(checkpoint_dir, loaded.model)
     classnames, templates = checkpoint_prompts(cfg, meta)
-    clip = loaded.model.eval()
+    clip: Any = loaded.model.eval()  # open_clip's CLIP: towers and logit_scale untyped
     head = zero_shot_head(clip, loaded.tokenizer, classnames, templates, torch.device("cpu"))
     module = ZeroShotClassifier(clip.visual, head, clip.logit_scale).eval()
     config = {"model_cfg": open_clip.get_model_config(loaded.name),

@@ -36,14 +36,17 @@ def distribution(name: str, spec: ParamSpec, source: str) -> BaseDistribution:
     if spec.type == "categorical":
         return _categorical(spec, source, key)
     if spec.low is None or spec.high is None:
-        raise ConfigError(source, key, f"needs low and high, got low={spec.low!r} high={spec.high!r}")
+        raise ConfigError(source, key,
+                          f"needs low and high, got low={spec.low!r} high={spec.high!r}")
     if spec.log and spec.step is not None:
-        raise ConfigError(source, f"{key}.step", f"cannot be combined with log: true, got {spec.step!r}")
+        raise ConfigError(source, f"{key}.step",
+                          f"cannot be combined with log: true, got {spec.step!r}")
     try:
         if spec.type == "int":
             step = 1 if spec.step is None else _whole(spec.step, source, f"{key}.step")
             return IntDistribution(_whole(spec.low, source, f"{key}.low"),
-                                   _whole(spec.high, source, f"{key}.high"), log=spec.log, step=step)
+                                   _whole(spec.high, source, f"{key}.high"), log=spec.log,
+                                   step=step)
         return FloatDistribution(float(spec.low), float(spec.high), log=spec.log, step=spec.step)
     except ValueError as err:  # Optuna's own range checks, e.g. low > high or step <= 0
         raise ConfigError(source, key, f"{err} (got {_spec_text(spec)})") from None

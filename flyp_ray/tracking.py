@@ -146,8 +146,8 @@ def flush(uri: str, run_id: str, retries: int = RETRIES) -> bool:
     pending = _PENDING.get((uri, run_id), [])
     while pending:
         chunk = pending[:MAX_BATCH]
-        sent, _ = _retry("log_metrics", lambda: MlflowClient(tracking_uri=uri).log_batch(
-            run_id, metrics=chunk), retries)
+        sent, _ = _retry("log_metrics", lambda chunk=chunk: MlflowClient(  # type: ignore[misc]
+            tracking_uri=uri).log_batch(run_id, metrics=chunk), retries)
         if not sent:
             log.warning("%d metric values of run %s kept to send later", len(pending), run_id)
             return False

@@ -110,10 +110,11 @@ def train(cfg: Config, name: str | None = None, resume_from: str | None = None) 
     except Exception:
         tracking.end_run(cfg.tracking.uri, run_id, "FAILED")
         raise
-    if (result.metrics or {}).get("diverged"):
+    latest = result.metrics or {}
+    if latest.get("diverged"):
         tracking.end_run(cfg.tracking.uri, run_id, "FAILED")
         raise FlypRayError(f"run {name} diverged (loss not finite) at epoch "
-                           f"{int(result.metrics['epoch'])}; see MLflow run {run_id}")
+                           f"{int(latest['epoch'])}; see MLflow run {run_id}")
     metric, mode = selection(cfg)
     best, metrics = best_of(result, metric, mode)
     _log_model(cfg, run_id, best)

@@ -290,10 +290,9 @@ def _kept(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _best_row(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:
     best = None
     for row in rows:
-        value = row.get(metric)
-        if not _is_metric(metric, value):
+        if not _is_metric(metric, row.get(metric)):
             continue
-        if best is None or _better(float(value), float(best[metric]), mode):
+        if best is None or _better(float(row[metric]), float(best[metric]), mode):
             best = row
     return best
 
@@ -353,8 +352,8 @@ def run_search(cfg: Config, *, resume: bool = False,
     search = locate(cfg, resume)
     uri = cfg.tracking.uri
     if resume:
-        parent = tracking.find_run(uri, cfg.tracking.experiment,
-                                   {tracking.KIND_TAG: "search", tracking.SEARCH_PATH_TAG: search.path})
+        tags = {tracking.KIND_TAG: "search", tracking.SEARCH_PATH_TAG: search.path}
+        parent = tracking.find_run(uri, cfg.tracking.experiment, tags)
         if parent is None:
             raise BadInput(f"{cfg.source}: tracking: no MLflow parent run of {search.path} in "
                            f"experiment {cfg.tracking.experiment!r} to resume")
@@ -511,7 +510,7 @@ def print_table(cfgs: Sequence[Config], summaries: Sequence[Mapping[str, Any]]) 
     """The best result of each data set, one row per config, on stderr."""
     header = ("config", "dataset", "metric", "best", "trial", "done/failed", "model")
     rows = [header]
-    for cfg, s in zip(cfgs, summaries):
+    for cfg, s in zip(cfgs, summaries, strict=True):
         metric, _ = trainer.selection(cfg)
         value = s.get("best_metrics", {}).get(metric)
         model = s.get("registered_model") or {}
@@ -522,4 +521,5 @@ def print_table(cfgs: Sequence[Config], summaries: Sequence[Mapping[str, Any]]) 
                      f"{model['name']} v{model['version']}" if model else "-"))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
     for row in rows:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip(), file=sys.stderr)
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip(),
+              file=sys.stderr)

@@ -77,8 +77,8 @@ def restore(run: Run, resume_from: str | None) -> int:
         return 0
     source = saved.as_directory() if saved is not None else contextlib.nullcontext(resume_from)
     with source as folder:
-        checkpoint.load_weights(Path(folder), unwrap(run.model))
-        return checkpoint.load_training(Path(folder), run.state)
+        checkpoint.load_weights(Path(str(folder)), unwrap(run.model))
+        return checkpoint.load_training(Path(str(folder)), run.state)
 
 
 
