@@ -352,15 +352,20 @@ def _check_space(search: SearchConfig, source: str) -> None:
                 _check(float(v).is_integer(), source, f"{key}.{end}", v, "must be a whole number")
 
 
-def check_search(search: SearchConfig, source: str) -> None:
-    """Range checks of the search section."""
+def objectives(search: SearchConfig) -> tuple[list[str], list[str]]:
+    """The metrics and modes of the search as lists (one entry for a single objective)."""
     metrics = search.metric if isinstance(search.metric, list) else [search.metric]
     modes = search.mode if isinstance(search.mode, list) else [search.mode]
+    return list(metrics), list(modes)
+
+
+def check_search(search: SearchConfig, source: str) -> None:
+    """Range checks of the search section."""
+    metrics, modes = objectives(search)
     _check(len(metrics) == len(modes), source, "search.mode", search.mode,
            f"needs one mode per metric ({len(metrics)})")
-    for i, m in enumerate(metrics):
+    for m in metrics:
         _check("/" in m, source, "search.metric", m, "must be a metric name like id_val/acc")
-        del i
     _check(search.num_samples >= 1, source, "search.num_samples", search.num_samples,
            "must be >= 1")
     _check(search.max_concurrent_trials >= 1, source, "search.max_concurrent_trials",

@@ -31,8 +31,8 @@ from optuna.trial import FrozenTrial, TrialState  # noqa: E402
 from optuna.visualization import matplotlib as optuna_plots  # noqa: E402
 
 from flyp_ray import tracking  # noqa: E402
-from flyp_ray.config import Config  # noqa: E402
-from flyp_ray.search_space import distributions, objectives  # noqa: E402
+from flyp_ray.config import Config, objectives  # noqa: E402
+from flyp_ray.search_space import distributions  # noqa: E402
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from optuna.distributions import (
 )
 from ray.tune.search.optuna import OptunaSearch
 
-from flyp_ray.config import Config, ParamSpec, SearchConfig, with_train
+from flyp_ray.config import Config, ParamSpec, SearchConfig, objectives, with_train
 from flyp_ray.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -123,13 +123,6 @@ def sampler(search: SearchConfig, source: str) -> optuna.samplers.BaseSampler:
         raise ConfigError(source, "search.sampler", "cmaes needs the 'cmaes' package "
                                                     "(pip install cmaes)")
     return optuna.samplers.CmaEsSampler(seed=seed)
-
-
-def objectives(search: SearchConfig) -> tuple[list[str], list[str]]:
-    """The metrics and modes of the search as lists (one entry for a single objective)."""
-    metrics = search.metric if isinstance(search.metric, list) else [search.metric]
-    modes = search.mode if isinstance(search.mode, list) else [search.mode]
-    return list(metrics), list(modes)
 
 
 def fitting_points(space: Mapping[str, BaseDistribution], points: Sequence[Mapping[str, Any]],

@@ -18,7 +18,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from flyp_ray import registry, tracking, worker
-from flyp_ray.config import Config
+from flyp_ray.config import Config, objectives
 from flyp_ray.errors import FlypRayError
 
 log = logging.getLogger(__name__)
@@ -39,9 +39,8 @@ class TrainOutcome:
 
 def selection(cfg: Config) -> tuple[str, str]:
     """The metric and mode that select the best epoch (the first objective of the search)."""
-    metric = cfg.search.metric[0] if isinstance(cfg.search.metric, list) else cfg.search.metric
-    mode = cfg.search.mode[0] if isinstance(cfg.search.mode, list) else cfg.search.mode
-    return metric, mode
+    metrics, modes = objectives(cfg.search)
+    return metrics[0], modes[0]
 
 
 def storage_path(cfg: Config) -> str:
@@ -131,12 +130,9 @@ def _is_number(value: Any) -> bool:
 
 def _find_or_start_run(cfg: Config, name: str) -> str:
     """The MLflow run of Ray run ``name``: reused when the driver restarts, else created."""
-    mlflow_client = tracking.client(cfg.tracking.uri)
-    exp = tracking.experiment_id(mlflow_client, cfg.tracking.experiment)
-    found = mlflow_client.search_runs([exp], f"tags.`flyp_ray.run_name` = '{name}'", max_results=1)
-    if found:
-        return str(found[0].info.run_id)
-    return tracking.start_run(cfg, name, {tracking.KIND_TAG: "train", "flyp_ray.run_name": name})
+    tags = {tracking.KIND_TAG: "train", "flyp_ray.run_name": name}
+    found = tracking.find_run(cfg.tracking.uri, cfg.tracking.experiment, tags)
+    return found or tracking.start_run(cfg, name, tags)
 
 
 def _log_model(cfg: Config, run_id: str, best: ray.train.Checkpoint) -> None:

@@ -21,7 +21,7 @@ import ray.util
 from torch.utils.data import DataLoader
 
 from flyp_ray import checkpoint, tracking
-from flyp_ray.config import Config
+from flyp_ray.config import Config, objectives
 from flyp_ray.data import Data, load_data
 from flyp_ray.errors import TrialDiverged
 from flyp_ray.evaluate import unwrap
@@ -150,16 +150,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             tracking.flush(cfg.tracking.uri, run_id, retries=FINAL_FLUSH_RETRIES)
     except TrialDiverged as err:
         log.warning("run diverged: %s", err)
-        metrics = diverged_metrics(last[0] + 1, objectives(cfg))
+        metrics = diverged_metrics(last[0] + 1, dict(zip(*objectives(cfg.search), strict=True)))
         report_diverged(run, metrics, str(err))
         if run.rank == 0 and run_id is not None:
             tracking.log_metrics(cfg.tracking.uri, run_id, metrics, step=last[0] + 1)
             tracking.set_tags(cfg.tracking.uri, run_id, {"flyp_ray.status": "diverged",
                                                          "flyp_ray.error": str(err)})
 
-
-def objectives(cfg: Config) -> dict[str, str]:
-    """The search's metrics and their modes, as a mapping."""
-    metrics = cfg.search.metric if isinstance(cfg.search.metric, list) else [cfg.search.metric]
-    modes = cfg.search.mode if isinstance(cfg.search.mode, list) else [cfg.search.mode]
-    return dict(zip(metrics, modes, strict=True))
