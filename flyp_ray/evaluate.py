@@ -78,10 +78,11 @@ def worst_group_accuracy(y_pred: torch.Tensor, y_true: torch.Tensor,
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, head: torch.Tensor, split: Split, *, batch_size: int,
-            device: torch.device, precision: str, rank: int = 0, world_size: int = 1,
-            num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and item indices for this worker's share of ``split`` (every world_size-th item)."""
+def embed(model: torch.nn.Module, split: Split, *, batch_size: int, device: torch.device,
+          precision: str, rank: int = 0, world_size: int = 1,
+          num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit-length image features (float32, on the CPU) and item indices of this worker's share
+    of ``split`` (every world_size-th item)."""
     clip = unwrap(model)
     was_training = clip.training
     clip.eval()
@@ -90,20 +91,31 @@ def predict(model: torch.nn.Module, head: torch.Tensor, split: Split, *, batch_s
     shard = Subset(split.dataset, range(rank, len(split.labels), world_size))
     loader = DataLoader(shard, batch_size=batch_size, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
-    scale = clip.logit_scale.exp().float()
-    logits, indices = [], []
+    features, indices = [], []
     for images, _, index in loader:
         images = images.to(device, non_blocking=True)
         if split.prepare is not None:  # cached uint8 pixels (dataset.cache)
             images = split.prepare(images)
         with autocast(device, precision):
-            features = clip.encode_image(images, normalize=True)
-        logits.append((scale * features.float() @ head).cpu())
+            features.append(clip.encode_image(images, normalize=True).float().cpu())
         indices.append(index)
     clip.train(was_training)
-    if not logits:
-        return torch.empty(0, head.shape[1]), torch.empty(0, dtype=torch.long)
-    return torch.cat(logits), torch.cat(indices)
+    if not features:
+        return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
+    return torch.cat(features), torch.cat(indices)
+
+
+def predict(model: torch.nn.Module, head: torch.Tensor, split: Split, *, batch_size: int,
+            device: torch.device, precision: str, rank: int = 0, world_size: int = 1,
+            num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and item indices for this worker's share of ``split`` (every world_size-th item)."""
+    features, indices = embed(model, split, batch_size=batch_size, device=device,
+                              precision=precision, rank=rank, world_size=world_size,
+                              num_workers=num_workers)
+    if not len(indices):
+        return torch.empty(0, head.shape[1]), indices
+    scale = unwrap(model).logit_scale.exp().float().cpu()
+    return scale * features @ head.cpu(), indices
 
 
 def gather(tensors: tuple[torch.Tensor, torch.Tensor],
