@@ -24,7 +24,15 @@ from flyp_ray.errors import ConfigError
 Method = Literal["zeroshot", "lp", "ce", "lpft", "flyp"]
 Precision = Literal["fp32", "bf16", "fp16"]
 SameClass = Literal["negative", "mask", "positive"]
-DatasetName = Literal["iwildcam", "fmow", "camelyon17", "csv", "synthetic"]
+DatasetName = Literal[
+    "iwildcam", "fmow", "camelyon17", "csv", "synthetic",
+    # torchvision-backed transfer and few-shot sets (flyp_ray/transfer.py)
+    "caltech101", "stanford_cars", "flowers102", "pcam", "rendered_sst2",
+    "imagenet",  # ILSVRC-2012 with its shifts as OOD test sets (flyp_ray/imagenet.py)
+]
+# ImageNet's distribution shifts, each evaluated as the split ``ood_test/<name>``.
+OodSet = Literal["imagenet_v2", "imagenet_r", "imagenet_a", "imagenet_sketch", "objectnet"]
+OOD_SETS: tuple[str, ...] = get_args(OodSet)
 ParamType = Literal["float", "int", "categorical"]
 SchedulerType = Literal["none", "asha", "hyperband"]
 SamplerType = Literal["tpe", "random", "cmaes", "nsga2", "gp"]
@@ -32,6 +40,8 @@ Mode = Literal["max", "min"]
 CacheKind = Literal["none", "memory", "disk"]
 
 SPLITS = ("train", "id_val", "id_test", "ood_val", "ood_test")
+# Methods that train an image tower with a linear head (cross-entropy), not CLIP's two towers.
+CLASSIFIER_METHODS = ("ce", "lp", "lpft")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +67,12 @@ class TrainConfig:
     grad_checkpointing: bool = False  # recompute activations in backward: less memory, more FLOPs
     compile: bool = False  # torch.compile the model in place; off until measured on the target
     eval_splits: list[str] | None = None  # None: all splits every epoch; else these, all at the end
+    # Baselines, WiSE-FT and few-shot (docs in README's "Methods"):
+    lp_l2: list[float] = dataclasses.field(  # lp/lpft: L2 pull towards the zero-shot head,
+        default_factory=lambda: [1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0])  # chosen on id_val
+    wiseft_alphas: list[float] | None = None  # WiSE-FT: evaluate these mixes after the run
+    k_shot: int | None = None  # train on K images per class, drawn with the seed
+    repeats: int = 1  # few-shot: train on this many draws; report their mean and std
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +89,9 @@ class DatasetConfig:
     loader_workers: int = 0  # DataLoader worker processes per Ray worker; -1: its CPUs less one
     cache: CacheKind = "none"  # decode each image once into uint8 at model resolution
     cache_dir: str | None = None  # disk cache: a folder on the node's local disk; None: temp dir
+    # imagenet only: the shift sets to evaluate, each as split ood_test/<name> (docs/DATASETS.md)
+    ood_sets: list[OodSet] | None = None
+    ood_root: str | None = None  # the folder holding them under their usual names; None: root/..
 
 
 @dataclasses.dataclass(frozen=True)
@@ -320,11 +339,21 @@ def check_train(train: TrainConfig, source: str, prefix: str = "train") -> None:
                "must be between 0.01 and 10 (CLIP caps the logit scale at 100)")
     if train.grad_clip is not None:
         _check(train.grad_clip > 0, source, k("grad_clip"), train.grad_clip, "must be > 0")
+    _check(bool(train.lp_l2) and all(v >= 0 for v in train.lp_l2), source, k("lp_l2"),
+           train.lp_l2, "must be a non-empty list of numbers >= 0")
+    if train.wiseft_alphas is not None:
+        _check(bool(train.wiseft_alphas) and all(0 <= a <= 1 for a in train.wiseft_alphas),
+               source, k("wiseft_alphas"), train.wiseft_alphas,
+               "must be a non-empty list of numbers between 0 and 1")
+    if train.k_shot is not None:
+        _check(train.k_shot >= 1, source, k("k_shot"), train.k_shot, "must be >= 1")
+    _check(train.repeats >= 1, source, k("repeats"), train.repeats, "must be >= 1")
     if train.eval_splits is not None:
-        allowed = SPLITS[1:]
+        # ood_test/<set>: one ImageNet shift set; _check_ood_sets checks it is one of the config's.
+        allowed = SPLITS[1:] + tuple(f"ood_test/{s}" for s in OOD_SETS)
         _check(bool(train.eval_splits) and all(s in allowed for s in train.eval_splits), source,
                k("eval_splits"), train.eval_splits,
-               f"must be a non-empty list of {', '.join(allowed)}")
+               f"must be a non-empty list of {', '.join(SPLITS[1:])}, ood_test/<ood set>")
 
 
 def _check_space(search: SearchConfig, source: str) -> None:
@@ -350,6 +379,11 @@ def _check_space(search: SearchConfig, source: str) -> None:
             for end in ("low", "high"):
                 v = getattr(spec, end)
                 _check(float(v).is_integer(), source, f"{key}.{end}", v, "must be a whole number")
+
+
+def planned_epochs(train: TrainConfig) -> int:
+    """The epochs a run reports up to: none for zero-shot, one fit for a linear probe."""
+    return {"zeroshot": 0, "lp": 1}.get(train.method, train.epochs)
 
 
 def objectives(search: SearchConfig) -> tuple[list[str], list[str]]:
@@ -383,9 +417,49 @@ def _check_eval_splits(cfg: Config) -> None:
         return
     metrics = cfg.search.metric if isinstance(cfg.search.metric, list) else [cfg.search.metric]
     for metric in metrics:
-        split = metric.split("/", 1)[0]
-        _check(split == "train" or split in cfg.train.eval_splits, cfg.source, "train.eval_splits",
-               cfg.train.eval_splits, f"must include {split} (search.metric is {metric})")
+        for split in _metric_splits(metric, cfg.dataset.ood_sets or []):
+            _check(split in cfg.train.eval_splits, cfg.source, "train.eval_splits",
+                   cfg.train.eval_splits, f"must include {split} (search.metric is {metric})")
+
+
+def _metric_splits(metric: str, ood_sets: Sequence[str]) -> list[str]:
+    """The eval splits a metric is computed from (none for ``train/...``).
+
+    With OOD sets, ``ood_test/<set>/acc`` comes from split ``ood_test/<set>`` and the average
+    ``ood_test/acc`` from all of them.
+    """
+    head, _, rest = metric.partition("/")
+    if head == "wiseft":  # wiseft/{alpha or best}/{split}/{name}
+        return _metric_splits(rest.partition("/")[2], ood_sets)
+    if head == "train":
+        return []
+    if head == "ood_test" and ood_sets:
+        name = rest.split("/", 1)[0]
+        return [f"ood_test/{name}"] if name in ood_sets else [f"ood_test/{s}" for s in ood_sets]
+    return [head]
+
+
+def _check_ood_sets(cfg: Config) -> None:
+    """``dataset.ood_sets`` belongs to imagenet, names each set once, and fixes its splits."""
+    d, src = cfg.dataset, cfg.source
+    sets = d.ood_sets or []
+    if d.ood_sets is not None:
+        _check(d.name == "imagenet", src, "dataset.ood_sets", d.ood_sets,
+               f"is for dataset imagenet only (dataset.name is {d.name})")
+        repeated = sorted({s for s in sets if sets.count(s) > 1})
+        _check(not repeated, src, "dataset.ood_sets", d.ood_sets,
+               f"names {', '.join(repeated)} twice")
+    _check(d.ood_root is None or bool(sets), src, "dataset.ood_root", d.ood_root,
+           "is only read with dataset.ood_sets")
+    named = [s for s in cfg.train.eval_splits or [] if s.startswith("ood_test/")]
+    for split in named:
+        _check(split.removeprefix("ood_test/") in sets, src, "train.eval_splits",
+               cfg.train.eval_splits, f"names {split} but dataset.ood_sets is {d.ood_sets}")
+    if d.name == "imagenet" and cfg.train.eval_splits is not None:
+        # ImageNet has no single ood_val/ood_test split: its OOD splits are ood_test/<set>.
+        allowed = ["id_val", "id_test"] + [f"ood_test/{s}" for s in sets]
+        _check(all(s in allowed for s in cfg.train.eval_splits), src, "train.eval_splits",
+               cfg.train.eval_splits, f"must name splits of this data set ({', '.join(allowed)})")
 
 
 def check(cfg: Config) -> Config:
@@ -409,6 +483,7 @@ def check(cfg: Config) -> Config:
                "must be >= 1")
     _check(cfg.dataset.loader_workers >= -1, src, "dataset.loader_workers",
            cfg.dataset.loader_workers, "must be >= 0, or -1 for one per CPU of the worker but one")
+    _check_ood_sets(cfg)
     _check_eval_splits(cfg)
     check_search(cfg.search, src)
     return cfg

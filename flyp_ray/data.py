@@ -1,6 +1,6 @@
 """Data sets as splits of ``(image, label, index)`` items, plus their class names and templates.
 
-Three kinds of source, one shape of result:
+Several kinds of source, one shape of result:
 
 - ``iwildcam``, ``fmow``, ``camelyon17``: WILDS' own loader (``wilds.get_dataset``) on the user's
   folder, never a download unless ``dataset.download`` is true. WILDS' ``val``/``test`` are the
@@ -9,6 +9,10 @@ Three kinds of source, one shape of result:
 - ``csv``: ``<root>/<metadata>`` with columns ``filepath,label,split[,group]`` and a class-name
   file: any image set.
 - ``synthetic``: :mod:`flyp_ray.synthetic`, generated on the fly.
+- ``imagenet``: ILSVRC-2012's class folders, with ImageNetV2, -R, -A, -Sketch and ObjectNet as
+  ``ood_test/<set>`` splits (:mod:`flyp_ray.imagenet`).
+- ``caltech101``, ``stanford_cars``, ``flowers102``, ``pcam``, ``rendered_sst2``: torchvision's
+  classes on the user's files (:mod:`flyp_ray.transfer`), ``id_*`` splits only.
 
 The ``index`` of an item is its position in its split (after subsampling); the evaluation code
 hands those indices back to ``official_eval``.
@@ -45,7 +49,7 @@ SUBSAMPLE_SEED = 0  # fixed, so that a subsampled split is the same in every tri
 class Split:
     """One split, ready for a DataLoader."""
 
-    name: str  # one of config.SPLITS
+    name: str  # one of config.SPLITS, or ood_test/<set> for one of ImageNet's shift sets
     dataset: torch.utils.data.Dataset  # item: (image after transform, label: int, index: int)
     labels: torch.Tensor  # int64 [N], the label of each item
     groups: torch.Tensor | None  # int64 [N] group id of each item, None if the data set has none
@@ -55,6 +59,11 @@ class Split:
     # Run on each batch after its copy to the device; set when the items are cached uint8
     # pixels (dataset.cache), None when they are ready as they come.
     prepare: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # int64 [model classes]: the split's class of each model class, -1 for classes it lacks;
+    # labels are the split's classes. Evaluation takes each split class's highest logit
+    # (ImageNet-R/A: a 200-class subset; ObjectNet: several ImageNet classes per class).
+    # None: labels are model classes.
+    class_map: torch.Tensor | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +108,7 @@ class _Source:
     path: Callable[[int], Path] | None = None  # position -> image file, for file-backed sources
     wilds: Any = None  # the WILDS dataset whose eval() scores this split
     metadata: torch.Tensor | None = None  # the split's rows of WILDS' metadata_array
+    class_map: torch.Tensor | None = None  # becomes Split.class_map
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,6 +192,14 @@ def _load(cfg: DatasetConfig, source: str) -> _Loaded:
         return _load_csv(cfg, source)
     if cfg.name == "synthetic":
         return _load_synthetic(cfg, source)
+    if cfg.name == "imagenet":
+        from flyp_ray import imagenet  # here: imagenet builds on this module's _Source and _Loaded
+
+        return imagenet.load(cfg, source)
+    from flyp_ray import transfer  # here: transfer builds on this module's _Source and _Loaded
+
+    if cfg.name in transfer.NAMES:
+        return transfer.load(cfg, source)
     raise ConfigError(source, "dataset.name", f"unknown data set {cfg.name!r}")
 
 
@@ -193,7 +211,7 @@ def _make_split(name: str, src: _Source, transform: Transform, subsample: int | 
     if src.wilds is not None and src.metadata is not None:
         official = _WildsEval(src.wilds, src.metadata[torch.as_tensor(kept)])
     return Split(name=name, dataset=ImageDataset(src.read, kept, labels, transform), labels=labels,
-                 groups=groups, official_eval=official)
+                 groups=groups, official_eval=official, class_map=src.class_map)
 
 
 def subsample_positions(n: int, limit: int | None) -> np.ndarray:

@@ -105,6 +105,7 @@ def embed(model: torch.nn.Module, split: Split, *, batch_size: int, device: torc
     return torch.cat(features), torch.cat(indices)
 
 
+@torch.no_grad()
 def predict(model: torch.nn.Module, head: torch.Tensor, split: Split, *, batch_size: int,
             device: torch.device, precision: str, rank: int = 0, world_size: int = 1,
             num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,8 +133,24 @@ def gather(tensors: tuple[torch.Tensor, torch.Tensor],
     return logits[order], indices[order]
 
 
+def project_logits(logits: torch.Tensor, class_map: torch.Tensor) -> torch.Tensor:
+    """Logits over a split's own classes: each takes the highest logit of the model classes
+    ``class_map`` sends to it (see :class:`flyp_ray.data.Split`); shape [N, split classes]."""
+    keep = (class_map >= 0).to(logits.device)
+    targets = class_map.to(logits.device)[keep]
+    rows = logits.shape[0]
+    out = torch.full((rows, int(targets.max()) + 1), float("-inf"), dtype=logits.dtype,
+                     device=logits.device)
+    return out.scatter_reduce(1, targets.expand(rows, -1), logits[:, keep], reduce="amax")
+
+
 def split_metrics(split: Split, logits: torch.Tensor, indices: torch.Tensor) -> dict[str, float]:
-    """All metrics of one split, named ``{split}/{name}``; WILDS' own ones under ``official``."""
+    """All metrics of one split, named ``{split}/{name}``; WILDS' own ones under ``official``.
+
+    A split with a ``class_map`` (ImageNet-R/A, ObjectNet) is scored on its own classes.
+    """
+    if split.class_map is not None:
+        logits = project_logits(logits, split.class_map)
     y_true = split.labels[indices]
     y_pred = logits.argmax(dim=1)
     groups = split.groups[indices] if split.groups is not None else None
@@ -148,12 +165,33 @@ def split_metrics(split: Split, logits: torch.Tensor, indices: torch.Tensor) -> 
 def evaluate_splits(model: torch.nn.Module, head: torch.Tensor, splits: Iterable[Split], *,
                     batch_size: int, device: torch.device, precision: str, rank: int = 0,
                     world_size: int = 1, num_workers: int = 0) -> dict[str, float]:
-    """Metrics of every split, computed on all workers' shards and identical on every worker."""
+    """Metrics of every split, computed on all workers' shards and identical on every worker.
+
+    With several OOD sets (splits ``ood_test/<set>``), ``ood_test/<name>`` is their average.
+    """
     metrics: dict[str, float] = {}
+    ood_sets = []
     for split in splits:
         local = predict(model, head, split, batch_size=batch_size, device=device,
                         precision=precision, rank=rank, world_size=world_size,
                         num_workers=num_workers)
         logits, indices = gather(local, world_size)
         metrics.update(split_metrics(split, logits, indices))
-    return metrics
+        if split.name.startswith("ood_test/"):
+            ood_sets.append(split.name)
+    return {**metrics, **ood_averages(metrics, ood_sets)}
+
+
+def ood_averages(metrics: dict[str, float], ood_sets: Sequence[str]) -> dict[str, float]:
+    """``ood_test/<name>``: the mean of ``<set>/<name>`` over the OOD set splits ``ood_sets``.
+
+    Only the OOD sets count, never an ID split (the FLYP reference code's average included
+    ImageNet itself), and only metrics that every set has.
+    """
+    if not ood_sets:
+        return {}
+    per_set = [{k.removeprefix(f"{s}/"): v for k, v in metrics.items() if k.startswith(f"{s}/")}
+               for s in ood_sets]
+    shared = set.intersection(*(set(m) for m in per_set))
+    return {f"ood_test/{name}": sum(m[name] for m in per_set) / len(per_set)
+            for name in sorted(shared)}

@@ -2,14 +2,17 @@
 
 FLYP turns each class into text: a template such as ``"a photo of {}."`` filled with the class
 name. Training draws prompts from these templates, and the zero-shot head averages the text
-embeddings over all of them. The WILDS class lists are package data (``flyp_ray/classnames/``),
-one name per line in the data set's label order, so that line ``i`` names label ``i``.
+embeddings over all of them. The class lists (WILDS', and CLIP's for the transfer and few-shot
+sets) are package data (``flyp_ray/classnames/``), one name per line in the data set's label
+order, so that line ``i`` names label ``i``.
 """
 
 from __future__ import annotations
 
 import importlib.resources
 from pathlib import Path
+
+from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 
 from flyp_ray.errors import ConfigError
 
@@ -42,6 +45,59 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
         "histopathology image of {}.",
         "a microscope image of {}.",
     ),
+    # The CLIP paper's per-data-set templates (openai/CLIP data/prompts.md), as FLYP uses them.
+    "caltech101": (
+        "a photo of a {}.",
+        "a painting of a {}.",
+        "a plastic {}.",
+        "a sculpture of a {}.",
+        "a sketch of a {}.",
+        "a tattoo of a {}.",
+        "a toy {}.",
+        "a rendition of a {}.",
+        "a embroidered {}.",
+        "a cartoon {}.",
+        "a {} in a video game.",
+        "a plushie {}.",
+        "a origami {}.",
+        "art of a {}.",
+        "graffiti of a {}.",
+        "a drawing of a {}.",
+        "a doodle of a {}.",
+        "a photo of the {}.",
+        "a painting of the {}.",
+        "the plastic {}.",
+        "a sculpture of the {}.",
+        "a sketch of the {}.",
+        "a tattoo of the {}.",
+        "the toy {}.",
+        "a rendition of the {}.",
+        "the embroidered {}.",
+        "the cartoon {}.",
+        "the {} in a video game.",
+        "the plushie {}.",
+        "the origami {}.",
+        "art of the {}.",
+        "graffiti of the {}.",
+        "a drawing of the {}.",
+        "a doodle of the {}.",
+    ),
+    "stanford_cars": (
+        "a photo of a {}.",
+        "a photo of the {}.",
+        "a photo of my {}.",
+        "i love my {}!",
+        "a photo of my dirty {}.",
+        "a photo of my clean {}.",
+        "a photo of my new {}.",
+        "a photo of my old {}.",
+    ),
+    "flowers102": ("a photo of a {}, a type of flower.",),
+    "pcam": ("this is a photo of {}",),
+    "rendered_sst2": ("a {} review of a movie.",),
+    # CLIP's 80 ImageNet prompts, as FLYP trains and evaluates ImageNet with them. open_clip
+    # keeps them as functions of the class name; given "{}", each returns its template string.
+    "imagenet": tuple(template("{}") for template in OPENAI_IMAGENET_TEMPLATES),
     "simple": ("a photo of a {}.",),
     "synthetic": ("a photo of a {}.", "a drawing of a {}.", "a {} shape.", "a picture of a {}."),
 }
@@ -53,10 +109,19 @@ DEFAULT_TEMPLATES: dict[str, str] = {
     "camelyon17": "camelyon17",
     "csv": "simple",
     "synthetic": "synthetic",
+    "imagenet": "imagenet",
+    "caltech101": "caltech101",
+    "stanford_cars": "stanford_cars",
+    "flowers102": "flowers102",
+    "pcam": "pcam",
+    "rendered_sst2": "rendered_sst2",
 }
 
 # Data sets whose class names ship with the package as flyp_ray/classnames/<name>.txt.
-_PACKAGED_CLASSNAMES = ("iwildcam", "fmow", "camelyon17")
+_PACKAGED_CLASSNAMES = (
+    "iwildcam", "fmow", "camelyon17",
+    "caltech101", "stanford_cars", "flowers102", "pcam", "rendered_sst2",  # CLIP's class names
+)
 
 
 def templates_for(spec: str | list[str] | None, dataset: str, source: str) -> list[str]:
@@ -97,6 +162,8 @@ def builtin_classnames(dataset: str) -> list[str] | None:
     if dataset in _PACKAGED_CLASSNAMES:
         resource = importlib.resources.files("flyp_ray").joinpath(f"classnames/{dataset}.txt")
         return _parse_names(resource.read_text("utf-8"))
+    if dataset == "imagenet":
+        return list(IMAGENET_CLASSNAMES)  # open_clip's, in the standard (sorted wnid) order
     if dataset == "synthetic":
         from flyp_ray.synthetic import (
             CLASSNAMES,  # local: keeps prompts free of numpy drawing code

@@ -50,7 +50,7 @@ def test_quoted_number_is_refused_with_a_hint(tmp_path: Path) -> None:
      "not a train field"),
     ("search: {num_samples: 0}\n", "search.num_samples", "0"),
     ("search: {metric: [id_val/acc, ood_val/acc], mode: max}\n", "search.mode", "max"),
-    ("dataset: {name: imagenet}\n", "dataset.name", "imagenet"),
+    ("dataset: {name: imagenet21k}\n", "dataset.name", "imagenet21k"),
     ("dataset: {name: iwildcam}\n", "dataset.root", "required"),
     ("resources: {workers: 0}\n", "resources.workers", "0"),
     ("train: [1, 2]\n", "train", "expected a mapping"),

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from flyp_ray import cli, config, submit
+from flyp_ray import cli, config, submit, transfer
 from flyp_ray.model import tiny_config_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +38,10 @@ def _env(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def test_one_file_per_data_set() -> None:
-    assert {p.stem for p in SEARCH_SPACES} == REAL | {"synthetic"}
+    # The transfer and few-shot sets have FLYP's own settings: tests/test_transfer.py checks them;
+    # tests/test_imagenet.py checks imagenet's.
+    assert {p.stem for p in SEARCH_SPACES} == (REAL | {"synthetic", "imagenet"}
+                                                | set(transfer.NAMES))
 
 
 @pytest.mark.parametrize("path", SEARCH_SPACES, ids=lambda p: p.stem)
