@@ -1,6 +1,6 @@
 """Pieces the bench scripts share: a FLYP step on random data, its FLOPs, and robust timing.
 
-The step is the package's own (``loop.flyp_step`` then ``loop.optimizer_step``) on a ``Run``
+The step is the package's own (``loop.loss_step`` then ``loop.optimizer_step``) on a ``Run``
 built around random images and real prompt tokens, so a figure here is a figure of the code that
 trains.
 """
@@ -20,7 +20,7 @@ import torch
 from flyp_ray import synthetic
 from flyp_ray.config import TrainConfig
 from flyp_ray.data import Data, Split
-from flyp_ray.loop import Run, build_state, flyp_step, optimizer_step, prompt_tokens
+from flyp_ray.loop import Run, build_state, loss_step, optimizer_step, prompt_tokens
 from flyp_ray.loss import FlypLoss
 from flyp_ray.model import resolve_arch
 
@@ -43,7 +43,7 @@ class Step:
     labels: torch.Tensor
 
     def __call__(self) -> None:
-        loss = flyp_step(self.run, self.images, self.labels, torch.Generator().manual_seed(0))
+        loss = loss_step(self.run, self.images, self.labels, torch.Generator().manual_seed(0))
         optimizer_step(self.run, loss)
 
 
@@ -80,7 +80,7 @@ def step_flops(step: Step) -> int:
 
     counter = FlopCounterMode(display=False)
     with counter:
-        loss = flyp_step(step.run, step.images, step.labels, torch.Generator().manual_seed(0))
+        loss = loss_step(step.run, step.images, step.labels, torch.Generator().manual_seed(0))
         loss.backward()
     step.run.state.optimizer.zero_grad(set_to_none=True)
     return int(counter.get_total_flops())

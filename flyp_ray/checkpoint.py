@@ -6,14 +6,17 @@ the model weights can be read without the optimizer state.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import uuid
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs
 import torch
 
-from flyp_ray.errors import FlypRayError, ModelError
+from flyp_ray.errors import ConfigError, FlypRayError, ModelError
 
 MODEL = "model.pt"
 TRAINING = "training.pt"
@@ -45,6 +48,46 @@ def save(folder: Path, model: torch.nn.Module, state: TrainingState, epoch: int,
     return folder
 
 
+def check_storage(storage: str, source: str) -> None:
+    """Fail before Ray starts when ``storage`` (a folder or a URI) cannot take a checkpoint.
+
+    Writes and deletes a small probe file: permission bits say nothing when running as root,
+    nor about a read-only mount or a full disk, and a run would otherwise fail at its first
+    checkpoint, after the first epoch. Folders it had to create are removed again, so that a
+    run refused later (bad input found after this check) leaves nothing behind.
+    """
+    probe_name = f".flyp_ray-write-test-{uuid.uuid4().hex[:8]}"
+    try:
+        if "://" in storage and not storage.startswith("file://"):
+            fs, root = pyarrow.fs.FileSystem.from_uri(storage)
+            with fs.open_output_stream(f"{root.rstrip('/')}/{probe_name}") as out:
+                out.write(b"0" * 4096)
+            fs.delete_file(f"{root.rstrip('/')}/{probe_name}")
+        else:
+            _probe_folder(Path(storage.removeprefix("file://")).expanduser().resolve(), probe_name)
+    except (OSError, pyarrow.ArrowException) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise ConfigError(source, "storage", f"cannot write checkpoints to {storage!r}: "
+                                             f"{reason.splitlines()[0]}") from None
+
+
+def _probe_folder(folder: Path, probe_name: str) -> None:
+    """Write and delete a probe file in ``folder``; remove the folders made for it."""
+    created = []
+    probe = folder / probe_name
+    try:
+        for parent in [*reversed(folder.parents), folder]:
+            if not parent.exists():
+                parent.mkdir()
+                created.append(parent)
+        probe.write_bytes(b"0" * 4096)
+    finally:
+        with contextlib.suppress(OSError):  # the error that matters is the one above
+            probe.unlink(missing_ok=True)
+            for made in reversed(created):
+                made.rmdir()
+
+
 def save_marker(folder: Path, epoch: int, metrics: dict[str, float], error: str) -> Path:
     """A checkpoint folder with only the JSON: marks a run that ended without usable weights."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -67,8 +110,13 @@ def load_weights(folder: Path | str, model: torch.nn.Module) -> dict[str, Any]:
     except RuntimeError as err:
         first = str(err).splitlines()[0]
         raise ModelError(f"checkpoint {file} does not fit the model: {first}") from None
-    meta = path / META
-    return json.loads(meta.read_text()) if path.is_dir() and meta.is_file() else {}
+    return load_meta(path)
+
+
+def load_meta(folder: Path | str) -> dict[str, Any]:
+    """The meta.json of a checkpoint folder: epoch, metrics, method, prompts; {} for a file."""
+    meta = Path(folder) / META
+    return json.loads(meta.read_text()) if meta.is_file() else {}
 
 
 def load_training(folder: Path, state: TrainingState) -> int:

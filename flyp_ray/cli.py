@@ -59,6 +59,16 @@ def parser() -> argparse.ArgumentParser:
                           metavar="KEY=VALUE", help="an override applied to every config")
     tune_all.set_defaults(run=cmd_tune_all)
 
+    compare = sub.add_parser("compare", help="run several methods on the config's data set and "
+                                             "write the comparison table and plot")
+    _add_config(compare)
+    compare.add_argument("--methods", default="zeroshot,lp,ce,lpft,flyp",
+                         help="comma-separated: zeroshot, lp, ce, lpft, flyp (default: all)")
+    compare.add_argument("--tune", action="store_true",
+                         help="one search per method (the config's search section) instead "
+                              "of one run with the config's values")
+    compare.set_defaults(run=cmd_compare)
+
     evaluate = sub.add_parser("eval", help="evaluate a logged, registered or saved model on "
                                            "every split of the config's data set")
     evaluate.add_argument("--model", required=True, metavar="URI",
@@ -157,6 +167,22 @@ def cmd_tune_all(args: argparse.Namespace) -> int:
     return 0 if all(s.get("best_trial_id") for s in summaries) else 1
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Every method through the same loop; the table's paths and rows as the JSON line last."""
+    from flyp_ray import compare, tune
+
+    methods = compare.parse_methods(args.methods)
+    cfg = load_config(args)
+    _preflight(cfg)
+    if args.tune:
+        for method in methods:
+            tune.check(compare.method_config(cfg, method))
+    init_ray(cfg)
+    summary = compare.run_compare(cfg, methods, tune=args.tune)
+    print_json(summary)
+    return 0 if not any(row["error"] for row in summary["table"]) else 1
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate a model on every evaluation split; print its metrics as the JSON line last."""
     cfg = load_config(args)
@@ -169,16 +195,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _preflight(cfg: config_mod.Config) -> None:
-    """Everything that can be checked before Ray starts: data, model, tracking."""
-    from flyp_ray import tracking
+    """Everything that can be checked before Ray starts: data, model, tracking, storage."""
+    from flyp_ray import checkpoint, tracking
     from flyp_ray.data import check_data
-    from flyp_ray.loop import check_method
     from flyp_ray.model import check_model
 
-    check_method(cfg.train)
     check_data(cfg.dataset, cfg.source)
     check_model(cfg.model, cfg.source)
     tracking.check_uri(cfg.tracking.uri, cfg.source)
+    checkpoint.check_storage(cfg.storage, cfg.source)
 
 
 # Ray Train gives a worker group 60 s to start; on a busy or small machine, starting a worker
@@ -263,6 +288,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("flyp-ray: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:
+        failure = worker_failure(err)
+        if failure is None:
+            raise
+        # Ray has already logged the worker's traceback; end with the one line that matters.
+        kind = "error" if isinstance(failure, BadInput) else "failed"
+        text = str(failure).strip().splitlines()
+        print(f"flyp-ray: {kind}: a training worker stopped: "
+              f"{text[0] if text else type(failure).__name__}", file=sys.stderr)
+        return failure.exit_code if isinstance(failure, FlypRayError) else 1
+
+
+def worker_failure(err: BaseException) -> BaseException | None:
+    """The lowest rank's own error inside Ray Train's ``WorkerGroupError``, else None.
+
+    A corrupt image (``DataError``) or a checkpoint that cannot be written (``OSError`` naming
+    the path) reaches the driver wrapped in Ray's error, whose message is a traceback.
+    """
+    failures = getattr(err, "worker_failures", None)  # ray.train.WorkerGroupError's field
+    if not isinstance(failures, dict) or not failures:
+        return None
+    return failures[min(failures)]
 
 
 if __name__ == "__main__":

@@ -1,8 +1,17 @@
 """The training loop in plain PyTorch: no Ray in here, so it runs and tests in one process.
 
-One epoch is one pass over the training images. Every epoch ends with the zero-shot head rebuilt
-from the current text tower and every split evaluated; the caller decides what to do with the
-metrics (the Ray worker reports and checkpoints them).
+One loop for every method (``train.method``), one data path and one evaluation:
+
+- ``flyp``: CLIP's contrastive loss between images and prompts of their class; evaluated with
+  the zero-shot head rebuilt from the current text tower.
+- ``ce``: cross-entropy through the image tower and a head that starts as the zero-shot head.
+- ``lp``: that head fitted on frozen image features (:mod:`flyp_ray.probe`), nothing else.
+- ``lpft``: ``lp``, then ``ce`` from the fitted head (Kumar et al. 2022).
+- ``zeroshot``: evaluation of the pretrained model only.
+
+One epoch is one pass over the training images; every epoch ends with the splits evaluated, and
+the last one with WiSE-FT's mixes when ``train.wiseft_alphas`` asks. The caller decides what to
+do with the metrics (the Ray worker reports and checkpoints them).
 """
 
 from __future__ import annotations
@@ -11,22 +20,31 @@ import dataclasses
 import math
 import random
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from flyp_ray import fewshot, probe, wiseft
 from flyp_ray.checkpoint import TrainingState
-from flyp_ray.config import TrainConfig
-from flyp_ray.data import Data
-from flyp_ray.errors import BadInput, TrialDiverged
+from flyp_ray.classifier import ImageClassifier
+from flyp_ray.config import CLASSIFIER_METHODS, Config, TrainConfig
+from flyp_ray.data import Data, load_data
+from flyp_ray.errors import TrialDiverged
 from flyp_ray.evaluate import autocast, evaluate_splits, unwrap, zero_shot_head
 from flyp_ray.loss import FlypLoss
-from flyp_ray.model import clamp_logit_scale
+from flyp_ray.model import apply_temperature, clamp_logit_scale, load_model
 
 Report = Callable[[int, dict[str, float]], None]
+Tokenizer = Callable[..., torch.Tensor]
+T = TypeVar("T")
+Wrap = Callable[[T], T]
 
-TRAINED_METHODS = ("flyp",)
+
+def _same(value: T) -> T:
+    return value
 
 
 def seed_everything(seed: int) -> None:
@@ -36,11 +54,29 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def check_method(train: TrainConfig) -> None:
-    """Refuse methods this loop cannot run yet, before any work starts."""
-    if train.method not in (*TRAINED_METHODS, "zeroshot"):
-        raise BadInput(f"train.method: {train.method!r} is not available yet "
-                       f"(available: {', '.join((*TRAINED_METHODS, 'zeroshot'))})")
+def text_head(clip: torch.nn.Module, tokenizer: Tokenizer, data: Data, train: TrainConfig,
+              device: torch.device) -> torch.Tensor:
+    """The zero-shot head of ``clip``'s text tower, at the run's precision."""
+    with autocast(device, train.precision):
+        return zero_shot_head(clip, tokenizer, data.classnames, data.templates, device)
+
+
+def method_model(clip: torch.nn.Module, tokenizer: Tokenizer, data: Data, train: TrainConfig,
+                 device: torch.device) -> torch.nn.Module:
+    """The model ``train.method`` trains: CLIP itself, or its image tower with a linear head.
+
+    The head starts as the zero-shot head of the pretrained text tower (the WiSE-FT/LP-FT
+    recipe), so every baseline starts from the zero-shot classifier. The text tower is dropped:
+    DDP would wait forever for gradients of parameters that no loss reaches.
+    """
+    if train.method not in CLASSIFIER_METHODS:
+        return clip
+    clip.to(device)
+    head = text_head(clip, tokenizer, data, train, device)
+    classifier = ImageClassifier.from_clip(clip, head, trainable_head=True)
+    if train.method == "lp":
+        classifier.visual.requires_grad_(False)
+    return classifier
 
 
 def build_optimizer(model: torch.nn.Module, train: TrainConfig,
@@ -111,6 +147,8 @@ class Run:
     rank: int = 0
     world_size: int = 1
     eval_workers: int = 0
+    zero_shot: wiseft.State | None = None  # the starting weights, kept for WiSE-FT
+    best: wiseft.Best = dataclasses.field(default_factory=wiseft.Best)  # WiSE-FT's other end
 
 
 def apply_speed_options(model: torch.nn.Module, train: TrainConfig) -> None:
@@ -123,7 +161,8 @@ def apply_speed_options(model: torch.nn.Module, train: TrainConfig) -> None:
     clip = unwrap(model)
     if train.grad_checkpointing:
         # open_clip recomputes each transformer block in backward; a ResNet tower ignores it.
-        clip.set_grad_checkpointing(True)  # type: ignore[operator]
+        tower = clip.visual if isinstance(clip, ImageClassifier) else clip
+        tower.set_grad_checkpointing(True)  # type: ignore[operator]
     if train.compile:
         clip.compile()
 
@@ -138,18 +177,24 @@ def make_run(model: torch.nn.Module, data: Data, tokenizer: Callable[..., torch.
     total_steps = max(1, train.epochs * len(loader))
     state = build_state(model, train, total_steps, device)
     tokens = prompt_tokens(tokenizer, data.classnames, data.templates)
+    # Taken before any checkpoint is restored: the model still holds the pretrained weights.
+    zero_shot = wiseft.snapshot(unwrap(model)) if train.wiseft_alphas else None
     return Run(model, data, tokenizer, train, loader, loss_fn, state, tokens, device, rank,
-               world_size, eval_workers)
+               world_size, eval_workers, zero_shot)
 
 
-def flyp_step(run: Run, images: torch.Tensor, labels: torch.Tensor,
+def loss_step(run: Run, images: torch.Tensor, labels: torch.Tensor,
               generator: torch.Generator) -> torch.Tensor:
-    """Forward both towers on (image, drawn prompt) pairs and return the FLYP loss."""
-    texts = draw_prompts(run.prompts, labels, generator).to(run.device, non_blocking=True)
+    """The batch's loss: FLYP's on (image, drawn prompt) pairs, else cross-entropy."""
     images = images.to(run.device, non_blocking=True)
     prepare = run.data.splits["train"].prepare
     if prepare is not None:  # cached uint8 pixels: crop, flip and normalise here, per batch
         images = prepare(images)
+    if run.train.method != "flyp":
+        labels = labels.to(run.device, non_blocking=True)
+        with autocast(run.device, run.train.precision):
+            return F.cross_entropy(run.model(images).float(), labels)
+    texts = draw_prompts(run.prompts, labels, generator).to(run.device, non_blocking=True)
     labels = labels.to(run.device, non_blocking=True)
     with autocast(run.device, run.train.precision):
         out = run.model(images, texts)
@@ -190,47 +235,124 @@ def train_epoch(run: Run, epoch: int) -> dict[str, float]:
     generator = torch.Generator().manual_seed(run.train.seed * 100_003 + epoch * 101 + run.rank)
     total, count = 0.0, 0
     for step, (images, labels, _) in enumerate(run.loader):
-        loss = flyp_step(run, images, labels, generator)
+        loss = loss_step(run, images, labels, generator)
         if not all_finite(loss, run.world_size if run.train.local_loss else 1):
             raise TrialDiverged(f"loss is {loss.item()} at epoch {epoch}, step {step}")
         optimizer_step(run, loss)
         total += loss.item()
         count += 1
-    scale = unwrap(run.model).logit_scale.exp().item()
-    return {"train/loss": total / max(count, 1),
-            "train/lr": run.state.optimizer.param_groups[0]["lr"],
-            "train/temperature": 1.0 / scale}
+    metrics = {"train/loss": total / max(count, 1),
+               "train/lr": run.state.optimizer.param_groups[0]["lr"]}
+    if run.train.method == "flyp":  # the baselines keep CLIP's scale fixed
+        metrics["train/temperature"] = 1.0 / unwrap(run.model).logit_scale.exp().item()
+    return metrics
+
+
+def head(run: Run) -> torch.Tensor:
+    """The evaluation head: a classifier's own, or the zero-shot head of the text tower."""
+    model = unwrap(run.model)
+    if isinstance(model, ImageClassifier):
+        return model.head.detach().float()
+    return text_head(run.model, run.tokenizer, run.data, run.train, run.device)
 
 
 def evaluate(run: Run, *, final: bool = True) -> dict[str, float]:
-    """Rebuild the zero-shot head from the current text tower and evaluate the splits.
+    """Evaluate the splits with the current head.
 
     Every split at the ``final`` epoch; before it, only ``train.eval_splits`` when that is set
     (a scheduler's early rungs need the search metric, not every split).
     """
-    with autocast(run.device, run.train.precision):
-        head = zero_shot_head(run.model, run.tokenizer, run.data.classnames, run.data.templates,
-                              run.device)
     wanted = None if final else run.train.eval_splits
     splits = [s for name, s in run.data.splits.items()
               if name != "train" and (wanted is None or name in wanted)]
-    return evaluate_splits(run.model, head, splits, batch_size=run.train.eval_batch_size,
+    return evaluate_splits(run.model, head(run), splits, batch_size=run.train.eval_batch_size,
                            device=run.device, precision=run.train.precision, rank=run.rank,
                            world_size=run.world_size, num_workers=run.eval_workers)
+
+
+def final_metrics(run: Run) -> dict[str, float]:
+    """Every split, and WiSE-FT's mixes of the starting weights and the epoch best on id_val
+    when asked (the epoch FLYP selects; this one if no earlier epoch was better)."""
+    metrics = evaluate(run)
+    if run.train.wiseft_alphas and run.zero_shot is not None:
+        model = unwrap(run.model)
+        run.best.update(model, metrics)
+        metrics.update(wiseft.evaluate_alphas(model, run.zero_shot, run.best.state,
+                                              run.train.wiseft_alphas, lambda: evaluate(run)))
+    return metrics
+
+
+def interim_metrics(run: Run) -> dict[str, float]:
+    """An epoch before the last: its splits, and with WiSE-FT asked, ``wiseft/best/...`` as far
+    as known: the current weights (alpha 1) only, so that a ``wiseft/`` search objective has a
+    value at every epoch for the scheduler; the full sweep runs once, at the end."""
+    metrics = evaluate(run, final=False)
+    if not run.train.wiseft_alphas:
+        return metrics
+    run.best.update(unwrap(run.model), metrics)
+    return {**metrics, **{f"wiseft/best/{k}": v for k, v in metrics.items()},
+            "wiseft/best/alpha": 1.0}
+
+
+def loader_workers(cfg: Config) -> int:
+    """DataLoader processes per worker: ``dataset.loader_workers``; -1: its CPUs less one."""
+    if cfg.dataset.loader_workers >= 0:
+        return cfg.dataset.loader_workers
+    # Ray gives this worker cpus_per_worker CPUs: the training process keeps one, the rest decode.
+    return max(0, math.floor(cfg.resources.cpus_per_worker) - 1)
+
+
+def train_loader(data: Data, cfg: Config, world_size: int, device: torch.device) -> DataLoader:
+    """The training DataLoader with this worker's share of the global batch."""
+    per_worker = cfg.train.batch_size // world_size
+    workers = loader_workers(cfg)
+    # drop_last: every worker must take the same number of steps, or DDP's all-reduce hangs.
+    return DataLoader(data.splits["train"].dataset, batch_size=per_worker, shuffle=True,
+                      drop_last=True, num_workers=workers, persistent_workers=workers > 0,
+                      pin_memory=device.type == "cuda")
+
+
+def build_run(cfg: Config, device: torch.device, *, rank: int = 0, world_size: int = 1,
+              draw: int = 0, prepare_model: Wrap[torch.nn.Module] = _same,
+              prepare_loader: Wrap[DataLoader] = _same) -> Run:
+    """Model, data, loader and optimizer state of one worker of ``cfg``'s run.
+
+    ``prepare_model`` and ``prepare_loader`` are Ray Train's in a worker (DDP and sharding);
+    ``draw`` numbers the few-shot draw (``train.repeats``), which seeds the images kept.
+    """
+    seed_everything(cfg.train.seed)  # identical initial weights on every worker
+    loaded = load_model(cfg.model, cfg.source)
+    apply_temperature(loaded.model, cfg.train)
+    data = load_data(cfg.dataset, loaded.preprocess_train, loaded.preprocess_eval, cfg.source)
+    data = fewshot.few_shot(data, cfg.train.k_shot, cfg.train.seed + draw)
+    model = prepare_model(method_model(loaded.model, loaded.tokenizer, data, cfg.train, device))
+    seed_everything(cfg.train.seed + rank)  # but different augmentations per worker
+    loader = prepare_loader(train_loader(data, cfg, world_size, device))
+    return make_run(model, data, loaded.tokenizer, cfg.train, loader, device, rank=rank,
+                    world_size=world_size, eval_workers=loader_workers(cfg))
 
 
 def run_epochs(run: Run, start_epoch: int, report: Report) -> None:
     """Train from ``start_epoch`` (the last finished one) to the end, reporting each epoch.
 
-    ``zeroshot`` trains nothing: it reports the pretrained model's metrics as epoch 0.
+    ``zeroshot`` trains nothing: it reports the pretrained model's metrics as epoch 0. ``lp``
+    reports its one fit as epoch 1; ``lpft`` fits the probe before its first epoch.
     """
-    if run.train.method == "zeroshot":
+    method = run.train.method
+    if method == "zeroshot":
         report(0, {"epoch": 0, **evaluate(run)})
+        return
+    fitted = probe.fit_probe(run) if method in ("lp", "lpft") and start_epoch == 0 else {}
+    if method == "lp":
+        report(1, {"epoch": 1, **fitted, **final_metrics(run)})
         return
     for epoch in range(start_epoch + 1, run.train.epochs + 1):
         final = epoch == run.train.epochs
-        metrics = {"epoch": float(epoch), **train_epoch(run, epoch), **evaluate(run, final=final)}
+        metrics = {"epoch": float(epoch), **(fitted if epoch == 1 else {}),
+                   **train_epoch(run, epoch)}
+        metrics.update(final_metrics(run) if final else interim_metrics(run))
         report(epoch, metrics)
+
 
 
 def diverged_metrics(epoch: int, objectives: dict[str, str]) -> dict[str, float]:

@@ -216,3 +216,40 @@ def highlighted(study: optuna.Study) -> set[str]:
 
 def _slug(metric: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", metric).strip("_")
+
+
+def save_compare_plot(table: Sequence[Mapping[str, Any]],
+                      curves: Mapping[str, Sequence[tuple[float, float, float]]],
+                      path: Path) -> bool:
+    """The methods' ID-vs-OOD scatter with each WiSE-FT curve, as a PNG; False if not drawn.
+
+    Each method is a filled point; its WiSE-FT curve runs from the zero-shot model (alpha 0) to
+    it (alpha 1), with the alpha chosen on id_val ringed.
+    """
+    points = [t for t in table if t.get("id_acc") is not None and t.get("ood_acc") is not None]
+    if not points:
+        return False
+    return _save(path.stem, lambda: _compare_axes(points, curves), path.parent)
+
+
+def _compare_axes(points: Sequence[Mapping[str, Any]],
+                  curves: Mapping[str, Sequence[tuple[float, float, float]]]) -> Any:
+    figure, ax = plt.subplots(figsize=(7, 5.5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, t in enumerate(points):
+        color = colors[i % len(colors)]
+        curve = curves.get(str(t["method"]), [])
+        if len(curve) > 1:
+            ax.plot([c[1] for c in curve], [c[2] for c in curve], color=color, alpha=0.6,
+                    marker=".", linewidth=1)
+        if t.get("wiseft_id_acc") is not None and t.get("wiseft_ood_acc") is not None:
+            ax.scatter([t["wiseft_id_acc"]], [t["wiseft_ood_acc"]], s=140, facecolors="none",
+                       edgecolors=color, linewidths=2)
+        ax.scatter([t["id_acc"]], [t["ood_acc"]], color=color, s=60, label=str(t["method"]),
+                   zorder=3)
+    ax.set_xlabel(f"ID accuracy ({points[0]['id_metric']})")
+    ax.set_ylabel(f"OOD accuracy ({points[0]['ood_metric']})")
+    ax.set_title("Methods compared; lines: WiSE-FT from zero-shot (alpha 0) to finetuned (1)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best")
+    return ax

@@ -38,7 +38,6 @@ import mlflow
 import numpy as np
 import open_clip
 import torch
-import torch.nn.functional as F
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
 from mlflow.models.model import ModelInfo
@@ -51,7 +50,8 @@ from mlflow.types import Schema, TensorSpec
 from packaging.version import Version
 
 from flyp_ray import checkpoint, prompts, tracking
-from flyp_ray.config import Config
+from flyp_ray.classifier import ImageClassifier
+from flyp_ray.config import CLASSIFIER_METHODS, Config
 from flyp_ray.data import load_data
 from flyp_ray.errors import BadInput, FlypRayError
 from flyp_ray.evaluate import evaluate_splits, zero_shot_head
@@ -72,43 +72,19 @@ EXAMPLE_BATCH = 2
 _BAD_URI_CODES = {ErrorCode.Name(RESOURCE_DOES_NOT_EXIST), ErrorCode.Name(INVALID_PARAMETER_VALUE)}
 
 
-class ZeroShotClassifier(torch.nn.Module):
-    """CLIP's image tower and a zero-shot head: preprocessed images in, probabilities out.
-
-    ``encode_image`` and ``logit_scale`` (a log, as in CLIP) mirror the CLIP model, so that
-    :func:`flyp_ray.evaluate.evaluate_splits` evaluates this module with its ``head`` exactly as
-    it evaluates CLIP during training.
-    """
-
-    head: torch.Tensor
-    logit_scale: torch.Tensor
-
-    def __init__(self, visual: torch.nn.Module, head: torch.Tensor,
-                 logit_scale: torch.Tensor) -> None:
-        super().__init__()
-        self.visual = visual
-        self.register_buffer("head", head.detach().float().clone())  # [embed_dim, classes]
-        self.register_buffer("logit_scale", logit_scale.detach().float().reshape(()).clone())
-
-    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        """Image features, unit length with ``normalize`` (CLIP's signature)."""
-        features = self.visual(images)
-        return F.normalize(features, dim=-1) if normalize else features
-
-    def logits(self, images: torch.Tensor) -> torch.Tensor:
-        """``logit_scale.exp() * normalize(features) @ head``, shape [N, classes]."""
-        return self.logit_scale.exp() * self.encode_image(images, normalize=True) @ self.head
+class ProbabilityClassifier(ImageClassifier):
+    """The classifier as it is logged: images in, class probabilities out."""
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Class probabilities, shape [N, classes]."""
-        return self.logits(images).softmax(dim=-1)
+        return super().forward(images).softmax(dim=-1)
 
 
 @dataclasses.dataclass(frozen=True)
 class Classifier:
     """A classifier with what it takes to use it: class names, prompts and image transform."""
 
-    module: ZeroShotClassifier
+    module: ProbabilityClassifier
     classnames: list[str]
     templates: list[str]
     preprocess: Callable[[Any], torch.Tensor]  # PIL image -> the tensor the module takes
@@ -125,17 +101,28 @@ class Classifier:
 
 
 def from_checkpoint(cfg: Config, checkpoint_dir: str | Path) -> Classifier:
-    """The classifier of a checkpoint folder (or state-dict file) of ``cfg``'s architecture."""
+    """The classifier of a checkpoint folder (or state-dict file) of ``cfg``'s architecture.
+
+    A FLYP (or zero-shot) checkpoint holds a CLIP model, whose head is rebuilt from its text
+    tower; a ``ce``/``lp``/``lpft`` checkpoint holds the image tower and its trained head.
+    """
     spec = dataclasses.replace(cfg.model, pretrained=None)  # the checkpoint brings the weights
     loaded = load_model(spec, cfg.source)
-    meta = checkpoint.load_weights(checkpoint_dir, loaded.model)
-    classnames, templates = checkpoint_prompts(cfg, meta)
     clip: Any = loaded.model.eval()  # open_clip's CLIP: towers and logit_scale untyped
-    head = zero_shot_head(clip, loaded.tokenizer, classnames, templates, torch.device("cpu"))
-    module = ZeroShotClassifier(clip.visual, head, clip.logit_scale).eval()
+    meta = checkpoint.load_meta(checkpoint_dir)
+    classnames, templates = checkpoint_prompts(cfg, meta)
+    if meta.get("method") in CLASSIFIER_METHODS:
+        embed_dim = open_clip.get_model_config(loaded.name)["embed_dim"]
+        empty = torch.zeros(embed_dim, len(classnames))
+        module = ProbabilityClassifier.from_clip(clip, empty)
+        checkpoint.load_weights(checkpoint_dir, module)
+    else:
+        checkpoint.load_weights(checkpoint_dir, clip)
+        head = zero_shot_head(clip, loaded.tokenizer, classnames, templates, torch.device("cpu"))
+        module = ProbabilityClassifier.from_clip(clip, head)
     config = {"model_cfg": open_clip.get_model_config(loaded.name),
               "preprocess_cfg": dict(open_clip.get_model_preprocess_cfg(clip))}
-    return Classifier(module, classnames, templates, loaded.preprocess_eval, config)
+    return Classifier(module.eval(), classnames, templates, loaded.preprocess_eval, config)
 
 
 def checkpoint_prompts(cfg: Config, meta: Mapping[str, Any]) -> tuple[list[str], list[str]]:
@@ -300,8 +287,8 @@ def _from_mlflow(uri: str) -> Classifier:
         clip, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{config_dir}")
         config = json.loads((config_dir / OPEN_CLIP_CONFIG).read_text())
     state = graph.state_dict()
-    module = ZeroShotClassifier(clip.visual, torch.empty_like(state["head"]),
-                                torch.empty_like(state["logit_scale"]))
+    module = ProbabilityClassifier(clip.visual, torch.empty_like(state["head"]),
+                                   torch.empty_like(state["logit_scale"]))
     module.load_state_dict(state)
     return Classifier(module.eval(), list(meta["classnames"]), list(meta.get("templates", [])),
                       preprocess, config)

@@ -157,10 +157,11 @@ def flush(uri: str, run_id: str, retries: int = RETRIES) -> bool:
 
 
 def last_step(uri: str, run_id: str, key: str) -> int:
-    """The highest step of metric ``key`` in the run (0 if none, or if MLflow is away)."""
+    """The highest step of metric ``key`` in the run (-1 if none, or if MLflow is away)."""
     _, history = _retry("get_metric_history", lambda: MlflowClient(
         tracking_uri=uri).get_metric_history(run_id, key))
-    return max((m.step for m in history or []), default=0)
+    # -1, not 0: a zero-shot run reports its one result as epoch 0.
+    return max((m.step for m in history or []), default=-1)
 
 
 def _numeric(value: object) -> bool:
@@ -224,11 +225,13 @@ def search_params(cfg: Config) -> dict[str, str]:
     return params
 
 
-def start_search_run(cfg: Config, name: str, path: str) -> str:
+def start_search_run(cfg: Config, name: str, path: str, parent_run_id: str | None = None) -> str:
     """Create the parent run of a search: the search spec as params, the config as artifact."""
     mlflow_client = client(cfg.tracking.uri)
     exp = experiment_id(mlflow_client, cfg.tracking.experiment)
     tags = {KIND_TAG: "search", SEARCH_NAME_TAG: name, SEARCH_PATH_TAG: path}
+    if parent_run_id is not None:
+        tags[PARENT_TAG] = parent_run_id
     run_id = str(mlflow_client.create_run(exp, run_name=name, tags=tags).info.run_id)
     mlflow_client.log_batch(run_id, params=[Param(k, v) for k, v in search_params(cfg).items()])
     mlflow_client.log_dict(run_id, to_dict(cfg), "config.yaml")

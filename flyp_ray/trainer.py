@@ -17,7 +17,7 @@ import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from flyp_ray import registry, tracking, worker
+from flyp_ray import registry, tracking, wiseft, worker
 from flyp_ray.config import Config, objectives
 from flyp_ray.errors import FlypRayError
 
@@ -99,10 +99,14 @@ def new_name(cfg: Config) -> str:
     return f"train-{stem}-{uuid.uuid4().hex[:8]}"
 
 
-def train(cfg: Config, name: str | None = None, resume_from: str | None = None) -> TrainOutcome:
-    """One finetuning run with the config's fixed values, tracked as one MLflow run."""
+def train(cfg: Config, name: str | None = None, resume_from: str | None = None,
+          parent_run_id: str | None = None) -> TrainOutcome:
+    """One finetuning run with the config's fixed values, tracked as one MLflow run.
+
+    ``parent_run_id`` nests that run under another (a ``compare`` run).
+    """
     name = name or new_name(cfg)
-    run_id = _find_or_start_run(cfg, name)
+    run_id = _find_or_start_run(cfg, name, parent_run_id)
     log.info("Ray Train run %s under %s; MLflow run %s", name, storage_path(cfg), run_id)
     try:
         result = build_trainer(cfg, name, mlflow_run_id=run_id, resume_from=resume_from).fit()
@@ -116,6 +120,7 @@ def train(cfg: Config, name: str | None = None, resume_from: str | None = None) 
                            f"{int(latest['epoch'])}; see MLflow run {run_id}")
     metric, mode = selection(cfg)
     best, metrics = best_of(result, metric, mode)
+    metrics = wiseft.with_sweep(metrics, latest)
     _log_model(cfg, run_id, best)
     tracking.set_tags(cfg.tracking.uri, run_id, {"flyp_ray.best_epoch": metrics.get("epoch")})
     tracking.end_run(cfg.tracking.uri, run_id)
@@ -128,9 +133,11 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _find_or_start_run(cfg: Config, name: str) -> str:
+def _find_or_start_run(cfg: Config, name: str, parent_run_id: str | None = None) -> str:
     """The MLflow run of Ray run ``name``: reused when the driver restarts, else created."""
     tags = {tracking.KIND_TAG: "train", "flyp_ray.run_name": name}
+    if parent_run_id is not None:
+        tags[tracking.PARENT_TAG] = parent_run_id
     found = tracking.find_run(cfg.tracking.uri, cfg.tracking.experiment, tags)
     return found or tracking.start_run(cfg, name, tags)
 

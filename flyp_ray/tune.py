@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.fs
+import ray.train
 import ray.tune
 import ray.util
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
@@ -36,8 +37,8 @@ from ray.tune.logger import JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, HyperBandScheduler, TrialScheduler
 from ray.util.placement_group import PlacementGroup, remove_placement_group
 
-from flyp_ray import search_space, tracking, trainer, worker
-from flyp_ray.config import Config, with_train
+from flyp_ray import plots, search_space, tracking, trainer, wiseft, worker
+from flyp_ray.config import Config, objectives, planned_epochs, with_train
 from flyp_ray.errors import BadInput, ConfigError, FlypRayError
 
 log = logging.getLogger(__name__)
@@ -123,14 +124,29 @@ def run_trial(config: dict[str, Any], *, base: Config, parent_run_id: str,
     run_id = (tracking.find_run(uri, experiment, {tracking.PARENT_TAG: parent_run_id,
                                                  tracking.TRIAL_TAG: trial_id})
               or tracking.start_trial_run(cfg, parent_run_id, trial_id))
+    before = latest_checkpoint(f"{trials_storage}/{trial_id}")
     fit = trainer.build_trainer(cfg, trial_id, mlflow_run_id=run_id,
                                 callbacks=[TuneReportCallback()])
     try:
-        fit.fit()
+        result = fit.fit()
     except Exception:
         tracking.end_run(uri, run_id, "FAILED")
         raise
+    if result.checkpoint is not None and result.checkpoint.path == before:
+        # The Train run had already finished when Tune (re)started this trial, so its workers
+        # reported nothing, and Tune would keep the result of its last snapshot (an earlier
+        # epoch, or none). Report the final epoch again, as TuneReportCallback would have.
+        ray.tune.report({**(result.metrics or {}), CHECKPOINT_PATH_KEY: result.checkpoint.path})
     tracking.end_run(uri, run_id)
+
+
+def latest_checkpoint(run_path: str) -> str | None:
+    """The path of the latest checkpoint of the Ray Train run at ``run_path``, if it has one."""
+    try:
+        result = ray.train.Result.from_path(run_path)
+    except RuntimeError:  # Ray's answer when there is no run (or no snapshot of it) yet
+        return None
+    return result.checkpoint.path if result.checkpoint is not None else None
 
 
 # --- the Tuner -----------------------------------------------------------------------------
@@ -171,21 +187,24 @@ def free_workers(result: Mapping[str, Any]) -> None:
 
 
 def scheduler(cfg: Config) -> TrialScheduler | None:
-    """Early stopping on the first metric, with the epoch as time: ASHA, HyperBand or none."""
+    """Early stopping on the first metric, with the epoch as time: ASHA, HyperBand or none.
+
+    None for methods with a single result (``zeroshot``, ``lp``): there is nothing to stop early.
+    """
     sched = cfg.search.scheduler
     metric, mode = trainer.selection(cfg)
-    if sched.type == "none":
+    epochs = planned_epochs(cfg.train)
+    if sched.type == "none" or epochs <= 1:
         return None
     if sched.type == "asha":
-        if sched.grace_period > cfg.train.epochs:
+        if sched.grace_period > epochs:
             raise ConfigError(cfg.source, "search.scheduler.grace_period",
-                              f"must be <= train.epochs ({cfg.train.epochs}), "
-                              f"got {sched.grace_period}")
-        return ASHAScheduler(time_attr="epoch", metric=metric, mode=mode,
-                             max_t=cfg.train.epochs, grace_period=sched.grace_period,
+                              f"must be <= train.epochs ({epochs}), got {sched.grace_period}")
+        return ASHAScheduler(time_attr="epoch", metric=metric, mode=mode, max_t=epochs,
+                             grace_period=sched.grace_period,
                              reduction_factor=sched.reduction_factor)
-    return HyperBandScheduler(time_attr="epoch", metric=metric, mode=mode,
-                              max_t=cfg.train.epochs, reduction_factor=sched.reduction_factor)
+    return HyperBandScheduler(time_attr="epoch", metric=metric, mode=mode, max_t=epochs,
+                              reduction_factor=sched.reduction_factor)
 
 
 def check(cfg: Config, resume: bool = False) -> None:
@@ -263,11 +282,13 @@ def trial_records(cfg: Config, search: Search) -> list[dict[str, Any]]:
         # another epoch than the first best row, so epochs whose checkpoint is gone lose.
         best = _best_row(_kept(rows) or rows, metric, mode)
         epochs = max((int(r.get("epoch", 0) or 0) for r in rows), default=0)
+        last: dict[str, Any] = max(rows, key=lambda r: int(r.get("epoch", 0) or 0), default={})
+        selected = wiseft.with_sweep(best or {}, last) if best else {}
         records.append({
             "trial_id": trial.trial_id,
             "params": dict(trial.config),
-            "metrics": {k: float(v) for k, v in (best or {}).items() if _is_metric(k, v)},
-            "status": _status(trial.status, epochs, cfg.train.epochs),
+            "metrics": {k: float(v) for k, v in selected.items() if _is_metric(k, v)},
+            "status": _status(trial.status, epochs, planned_epochs(cfg.train)),
             "epochs": epochs,
             "checkpoint": (best or {}).get(CHECKPOINT_PATH_KEY),
         })
@@ -342,12 +363,13 @@ def close_trial_runs(cfg: Config, parent_run_id: str, records: Sequence[dict[str
 
 
 def run_search(cfg: Config, *, resume: bool = False,
-               warm_points: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
+               warm_points: Sequence[Mapping[str, Any]] = (),
+               parent_run_id: str | None = None) -> dict[str, Any]:
     """Run (or resume) the search of ``cfg``; returns the summary, also written as summary.json.
 
     ``warm_points`` (best configs of earlier searches) are tried first when
     ``search.warm_start`` is on, together with the best configs of the finished searches in the
-    same MLflow experiment.
+    same MLflow experiment. ``parent_run_id`` nests the search's run under another (``compare``).
     """
     search = locate(cfg, resume)
     uri = cfg.tracking.uri
@@ -363,7 +385,7 @@ def run_search(cfg: Config, *, resume: bool = False,
     else:
         check(cfg)  # a bad space or scheduler fails before the MLflow run exists
         points = starting_points(cfg, warm_points)
-        parent = tracking.start_search_run(cfg, search.name, search.path)
+        parent = tracking.start_search_run(cfg, search.name, search.path, parent_run_id)
         log.info("search %s under %s (MLflow run %s), %d warm-start point(s)", search.name,
                  search.path, parent, len(points))
         tuner = build_tuner(cfg, search, parent, points)
@@ -394,12 +416,26 @@ def finish(cfg: Config, search: Search, parent_run_id: str) -> dict[str, Any]:
         "mlflow_parent_run_id": parent_run_id,
         "registered_model": None,
     }
+    metrics, _ = objectives(cfg.search)
+    if len(metrics) > 1:
+        summary["pareto_front"] = pareto_front(cfg, records)
     _log_plots(cfg, parent_run_id, records)
     if best is not None and best["checkpoint"]:
         summary["registered_model"] = _register(cfg, best, parent_run_id)
     _close_parent(cfg, parent_run_id, summary)
     _write_text(f"{search.path}/{SUMMARY}", json.dumps(summary, indent=1, sort_keys=True) + "\n")
     return summary
+
+
+def pareto_front(cfg: Config, records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The completed trials no other completed trial beats on every objective (Optuna's
+    ``best_trials``), with their params and objective values; best on the first metric first."""
+    metrics, modes = objectives(cfg.search)
+    front = plots.highlighted(plots.study_from_records(cfg, records))
+    chosen = [r for r in records if r["trial_id"] in front]
+    chosen.sort(key=lambda r: r["metrics"][metrics[0]], reverse=modes[0] == "max")
+    return [{"trial_id": r["trial_id"], "params": r["params"],
+             "metrics": {m: r["metrics"][m] for m in metrics}} for r in chosen]
 
 
 def _best_config(cfg: Config, best: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -427,11 +463,7 @@ def _close_parent(cfg: Config, parent_run_id: str, summary: Mapping[str, Any]) -
 
 
 def _log_plots(cfg: Config, parent_run_id: str, records: list[dict[str, Any]]) -> None:
-    """Search plots on the parent run, where the plots module is installed."""
-    if importlib.util.find_spec("flyp_ray.plots") is None:
-        return
-    from flyp_ray import plots  # type: ignore[attr-defined]
-
+    """Search plots on the parent run."""
     try:
         plots.log_search_plots(cfg, parent_run_id, records)
     except Exception as err:  # noqa: BLE001 - a plot must not cost the search its summary

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -18,15 +17,14 @@ from typing import Any
 import ray.train
 import ray.train.torch
 import ray.util
-from torch.utils.data import DataLoader
 
-from flyp_ray import checkpoint, tracking
+from flyp_ray import checkpoint, fewshot, loop, tracking
 from flyp_ray.config import Config, objectives
-from flyp_ray.data import Data, load_data
 from flyp_ray.errors import TrialDiverged
 from flyp_ray.evaluate import unwrap
-from flyp_ray.loop import Run, diverged_metrics, make_run, run_epochs, seed_everything
-from flyp_ray.model import apply_temperature, load_model
+from flyp_ray.loop import Run, diverged_metrics, loader_workers, run_epochs
+
+__all__ = ["loader_workers", "train_loop_per_worker"]
 
 log = logging.getLogger(__name__)
 
@@ -36,38 +34,13 @@ FINAL_FLUSH_RETRIES = 7  # backoff 1 + 2 + ... + 64 s: about two minutes for MLf
 PLACEMENT_GROUP = "placement_group"  # reported key: the worker group's placement group id
 
 
-def loader_workers(cfg: Config) -> int:
-    """DataLoader processes per Ray worker: ``dataset.loader_workers``; -1: its CPUs less one."""
-    if cfg.dataset.loader_workers >= 0:
-        return cfg.dataset.loader_workers
-    # Ray gives this worker cpus_per_worker CPUs: the training process keeps one, the rest decode.
-    return max(0, math.floor(cfg.resources.cpus_per_worker) - 1)
-
-
-def train_loader(data: Data, cfg: Config, world_size: int) -> DataLoader:
-    """The training DataLoader with this worker's share of the global batch."""
-    per_worker = cfg.train.batch_size // world_size
-    workers = loader_workers(cfg)
-    # drop_last: every worker must take the same number of steps, or DDP's all-reduce hangs.
-    return DataLoader(data.splits["train"].dataset, batch_size=per_worker, shuffle=True,
-                      drop_last=True, num_workers=workers, persistent_workers=workers > 0,
-                      pin_memory=ray.train.torch.get_device().type == "cuda")
-
-
-def build_run(cfg: Config) -> Run:
-    """Model, data, loader and optimizer state for this worker, wrapped by Ray for DDP."""
+def build_run(cfg: Config, draw: int = 0) -> Run:
+    """This worker's run, its model and training loader wrapped by Ray for DDP."""
     ctx = ray.train.get_context()
-    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
-    seed_everything(cfg.train.seed)  # identical initial weights on every worker
-    loaded = load_model(cfg.model, cfg.source)
-    apply_temperature(loaded.model, cfg.train)
-    data = load_data(cfg.dataset, loaded.preprocess_train, loaded.preprocess_eval, cfg.source)
-    model = ray.train.torch.prepare_model(loaded.model)
-    seed_everything(cfg.train.seed + rank)  # but different augmentations per worker
-    loader = ray.train.torch.prepare_data_loader(train_loader(data, cfg, world_size))
-    return make_run(model, data, loaded.tokenizer, cfg.train, loader,
-                    ray.train.torch.get_device(), rank=rank, world_size=world_size,
-                    eval_workers=loader_workers(cfg))
+    return loop.build_run(cfg, ray.train.torch.get_device(), rank=ctx.get_world_rank(),
+                          world_size=ctx.get_world_size(), draw=draw,
+                          prepare_model=ray.train.torch.prepare_model,
+                          prepare_loader=ray.train.torch.prepare_data_loader)
 
 
 def restore(run: Run, resume_from: str | None) -> int:
@@ -93,8 +66,9 @@ def report(run: Run, cfg: Config, run_id: str | None, epoch: int,
         saved = None
         if run.rank == 0:
             # The prompts go with the weights: the logged model rebuilds its head from them.
-            prompts = {"classnames": run.data.classnames, "templates": run.data.templates}
-            checkpoint.save(Path(tmp), unwrap(run.model), run.state, epoch, metrics, prompts)
+            extra = {"classnames": run.data.classnames, "templates": run.data.templates,
+                     "method": run.train.method}
+            checkpoint.save(Path(tmp), unwrap(run.model), run.state, epoch, metrics, extra)
             saved = ray.train.Checkpoint.from_directory(tmp)
         # Every worker calls report: it is a barrier, and metrics come from rank 0.
         ray.train.report({**metrics, **placement_group()}, checkpoint=saved,
@@ -144,7 +118,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         last[0] = epoch
 
     try:
-        run_epochs(run, start, report_epoch)
+        if cfg.train.repeats > 1:
+            run = train_repeats(run, cfg, run_id)
+        else:
+            run_epochs(run, start, report_epoch)
         if run.rank == 0 and run_id is not None:
             # Metrics an MLflow outage held back: a last, longer try before the worker exits.
             tracking.flush(cfg.tracking.uri, run_id, retries=FINAL_FLUSH_RETRIES)
@@ -157,3 +134,34 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             tracking.set_tags(cfg.tracking.uri, run_id, {"flyp_ray.status": "diverged",
                                                          "flyp_ray.error": str(err)})
 
+
+def train_repeats(first: Run, cfg: Config, run_id: str | None) -> Run:
+    """Train on ``train.repeats`` few-shot draws, one after another; report mean and std once.
+
+    Each draw's epochs go to MLflow as ``repeat/{draw}/...``; Ray sees one report, at the last
+    epoch, with the mean of the draws' final metrics and ``{name}_std``, and the last draw's
+    weights. A restarted worker group starts the draws again.
+    """
+    finals = []
+    run = first
+    for draw in range(cfg.train.repeats):
+        run = first if draw == 0 else build_run(cfg, draw)
+        finals.append(train_draw(run, cfg, run_id, draw))
+    summary = fewshot.summarise(finals)
+    report(run, cfg, run_id, int(summary["epoch"]), summary)
+    return run
+
+
+def train_draw(run: Run, cfg: Config, run_id: str | None, draw: int) -> dict[str, float]:
+    """One few-shot draw's whole training, logged under ``repeat/{draw}/``; its last metrics."""
+    final: dict[str, float] = {}
+
+    def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        if run.rank == 0 and run_id is not None:
+            tracking.log_metrics(cfg.tracking.uri, run_id,
+                                 {f"repeat/{draw}/{k}": v for k, v in metrics.items()}, step=epoch)
+        final.clear()
+        final.update(metrics)
+
+    run_epochs(run, 0, log_epoch)
+    return final

@@ -82,15 +82,19 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_mlflow_server(folder: Path, port: int) -> subprocess.Popen[bytes]:
-    """A real MLflow tracking server on 127.0.0.1:port (sqlite backend), answering /health."""
+def start_mlflow_server(folder: Path, port: int, *extra_args: str,
+                        env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """A real MLflow tracking server on 127.0.0.1:port (sqlite backend), answering /health.
+
+    ``extra_args`` go to ``mlflow server`` and ``env`` into its environment (the auth app).
+    """
     # One worker and no job runner: the default spawns many processes (DESIGN facts).
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})}
     mlflow_cli = Path(sys.executable).with_name("mlflow")
     server = subprocess.Popen(
         [str(mlflow_cli), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
-         "--artifacts-destination", str(folder / "artifacts")],
+         "--artifacts-destination", str(folder / "artifacts"), *extra_args],
         env=env, stdout=open(folder / "server.log", "a"), stderr=subprocess.STDOUT,
         start_new_session=True)
     deadline = time.monotonic() + 120

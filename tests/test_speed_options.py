@@ -88,7 +88,7 @@ def loss_and_grads(run: loop.Run) -> tuple[float, dict[str, torch.Tensor]]:
     run.model.train()
     torch.manual_seed(1)  # the same random crops in every call
     images, labels, _ = next(iter(run.loader))
-    loss = loop.flyp_step(run, images, labels, torch.Generator().manual_seed(0))
+    loss = loop.loss_step(run, images, labels, torch.Generator().manual_seed(0))
     loss.backward()
     grads = {n: p.grad.clone() for n, p in run.model.named_parameters() if p.grad is not None}
     return loss.item(), grads

@@ -39,7 +39,6 @@ def test_sqlite_artifacts_live_beside_the_database(tmp_path: Path) -> None:
 def test_metrics_survive_an_mlflow_outage(tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     import mlflow
-
     from conftest import free_port, start_mlflow_server, stop_server
 
     # Fail fast while the server is down: MLflow's own client would otherwise retry for minutes.

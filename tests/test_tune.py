@@ -71,7 +71,10 @@ def test_search_with_asha_tracks_parent_and_trials(ray_session: None, mlflow_ser
     # higher value recorded at its rung and must stop trial 3 after one epoch.
     # Half a CPU per worker, 2 trials at a time: the later trials fit only if the workers of
     # the trials ASHA stopped were freed (tune.FreeStoppedWorkers).
-    path = search_config(tmp_path, wilds_root, epochs=3, cpus=0.5, metric="train/lr", mode="max",
+    # Two objectives: ASHA and the best trial follow the first; summary.json adds the Pareto
+    # front of both over the completed trials.
+    path = search_config(tmp_path, wilds_root, epochs=3, cpus=0.5,
+                         metric=["train/lr", "id_val/acc"], mode=["max", "max"],
                          num_samples=4, max_concurrent_trials=2, seed=1,
                          scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 3})
     # A real tracking server on 127.0.0.1, and a registered model at the end.
@@ -123,9 +126,23 @@ def test_search_with_asha_tracks_parent_and_trials(ray_session: None, mlflow_ser
         float(next(c for c in children if c.info.run_name == best_id).data.params["lr"]))
     assert parent.data.tags["flyp_ray.best_trial_id"] == best_id
     assert parent.data.metrics["train/lr"] == pytest.approx(peak[best_id])
+    assert_pareto_front(cfg, summary)
     checkpoint = Path(summary["best_checkpoint"])
     assert checkpoint.parent == search_dir / "trials" / best_id and checkpoint.is_dir()
     assert_registered_model_predicts(mlflow_server, summary)
+
+
+def assert_pareto_front(cfg: config.Config, summary: dict[str, Any]) -> None:
+    """The front is exactly the completed trials that no other completed trial dominates."""
+    records = tune.trial_records(cfg, tune.locate(cfg, resume=True))
+    points = {r["trial_id"]: (r["metrics"]["train/lr"], r["metrics"]["id_val/acc"])
+              for r in records if r["status"] == "completed"}
+
+    def dominated(p: tuple[float, float]) -> bool:
+        return any(q[0] >= p[0] and q[1] >= p[1] and q != p for q in points.values())
+
+    front = {f["trial_id"] for f in summary["pareto_front"]}
+    assert front and front == {t for t, p in points.items() if not dominated(p)}
 
 
 def assert_registered_model_predicts(uri: str, summary: dict[str, Any]) -> None:

@@ -1,0 +1,136 @@
+"""The baselines, WiSE-FT and few-shot draws in the one loop, in one process (no Ray).
+
+Runs the real loop code (:func:`flyp_ray.loop.build_run`, :func:`flyp_ray.loop.run_epochs`) on
+a test-written WILDS-format iWildCam folder read by the real WILDS loader, with the tiny model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import tiny_config
+from wilds_folder import write_iwildcam
+
+from flyp_ray import fewshot, loop, probe
+from flyp_ray.config import Config, from_dict
+from flyp_ray.errors import DataError
+
+CPU = torch.device("cpu")
+TEST_SPLITS = ("id_test", "ood_test")
+
+
+@pytest.fixture(scope="module")
+def wilds_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("wilds")
+    write_iwildcam(root, n_per_split=12, num_classes=4)
+    return root
+
+
+def config(tmp: Path, root: Path, **train: Any) -> Config:
+    raw = tiny_config(tmp, dataset={"name": "iwildcam", "root": str(root)},
+                      train={"epochs": 2, "batch_size": 8, "warmup_steps": 1, **train})
+    return from_dict(raw, "test.yaml")
+
+
+def run_to_end(cfg: Config) -> list[dict[str, float]]:
+    """Every epoch's reported metrics of a fresh run of ``cfg``."""
+    run = loop.build_run(cfg, CPU)
+    reports: list[dict[str, float]] = []
+    loop.run_epochs(run, 0, lambda epoch, metrics: reports.append(metrics))
+    return reports
+
+
+def split_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in metrics.items()
+            if k.split("/")[0] in ("id_val", "id_test", "ood_val", "ood_test")}
+
+
+@pytest.mark.parametrize("method", ["flyp", "ce", "lpft"])
+def test_wiseft_ends_are_the_zero_shot_and_the_finetuned_model_exactly(
+        tmp_path: Path, wilds_root: Path, method: str) -> None:
+    zero_shot = split_metrics(run_to_end(config(tmp_path, wilds_root, method="zeroshot"))[-1])
+    epochs = run_to_end(config(tmp_path, wilds_root, method=method, epochs=3,
+                               wiseft_alphas=[0.0, 0.5, 1.0]))
+    final = epochs[-1]
+    # The finetuned end is the epoch best on id_val/acc (the first of equals), as selected.
+    selected = max(epochs, key=lambda m: m["id_val/acc"])
+    finetuned = split_metrics(selected)
+    assert finetuned.keys() == zero_shot.keys() and "ood_test/acc" in finetuned
+    assert finetuned != zero_shot  # training changed something, or the test proves nothing
+    assert {k: final[f"wiseft/0.0/{k}"] for k in zero_shot} == zero_shot
+    assert {k: final[f"wiseft/1.0/{k}"] for k in finetuned} == finetuned
+    assert "wiseft/0.5/ood_test/acc" in final
+    best = final["wiseft/best/alpha"]
+    assert final["wiseft/best/id_val/acc"] == final[f"wiseft/{best}/id_val/acc"]
+    assert final["wiseft/best/id_val/acc"] == max(final[f"wiseft/{a}/id_val/acc"]
+                                                  for a in ("0.0", "0.5", "1.0"))
+
+
+class Tripwire(torch.utils.data.Dataset[Any]):
+    """A test split that fails the test when anything reads it."""
+
+    def __init__(self, name: str, size: int) -> None:
+        self.name, self.size = name, size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> Any:
+        raise AssertionError(f"the linear probe read test split {self.name}")
+
+
+def test_linear_probe_chooses_on_id_val_and_never_reads_a_test_split(
+        tmp_path: Path, wilds_root: Path) -> None:
+    cfg = config(tmp_path, wilds_root, method="lp", lp_l2=[0.0, 1.0, 1.0e6])
+    run = loop.build_run(cfg, CPU)
+    splits = run.data.splits
+    guarded = {name: dataclasses.replace(splits[name],
+                                         dataset=Tripwire(name, len(splits[name].labels)))
+               for name in TEST_SPLITS}
+    start = run.model.head.detach().clone()
+    run.data = dataclasses.replace(run.data, splits={**splits, **guarded})
+    chosen = probe.fit_probe(run)  # any read of id_test or ood_test raises
+    assert chosen["lp/l2"] in (0.0, 1.0, 1.0e6)
+    # The choice is the strength whose head is best on id_val, ties to the stronger one.
+    train = probe.features(run, probe.eval_view(splits["train"], splits["id_val"]))
+    select = probe.features(run, splits["id_val"])
+    scale = float(run.model.logit_scale.exp())
+    accuracy = {l2: float(((scale * select[0] @ probe.fit_head(*train, start, scale, l2))
+                           .argmax(1) == select[1]).float().mean()) for l2 in (0.0, 1.0, 1.0e6)}
+    assert accuracy[chosen["lp/l2"]] == max(accuracy.values())
+    assert not torch.equal(run.model.head, start) or chosen["lp/l2"] == 1.0e6
+
+
+def test_linear_probe_without_id_val_is_refused(tmp_path: Path, wilds_root: Path) -> None:
+    run = loop.build_run(config(tmp_path, wilds_root, method="lp"), CPU)
+    run.data = dataclasses.replace(run.data, splits={k: v for k, v in run.data.splits.items()
+                                                     if k != "id_val"})
+    with pytest.raises(DataError, match="id_val"):
+        probe.fit_probe(run)
+
+
+@pytest.mark.parametrize("classes", [4, 10])
+def test_k_shot_draws_k_per_class_seeded(classes: int) -> None:
+    labels = torch.arange(200) % classes
+    for k in (1, 5):
+        drawn = fewshot.draw(labels, k, seed=3)
+        assert torch.bincount(labels[drawn], minlength=classes).tolist() == [k] * classes
+        assert torch.equal(drawn, fewshot.draw(labels, k, seed=3))
+    assert not torch.equal(fewshot.draw(labels, 5, seed=3), fewshot.draw(labels, 5, seed=4))
+    with pytest.raises(DataError, match="k_shot"):
+        fewshot.draw(labels, 200 // classes + 1, seed=0)
+
+
+def test_k_shot_training_split_and_repeat_summary(tmp_path: Path, wilds_root: Path) -> None:
+    run = loop.build_run(config(tmp_path, wilds_root, method="flyp", k_shot=2), CPU)
+    train = run.data.splits["train"]
+    assert len(train.labels) == 2 * len(torch.unique(train.labels))
+    assert [item[2] for item in train.dataset] == list(range(len(train.labels)))
+    summary = fewshot.summarise([{"epoch": 2, "id_val/acc": 0.5}, {"epoch": 2, "id_val/acc": 0.7}])
+    assert summary["id_val/acc"] == pytest.approx(0.6)
+    assert summary["id_val/acc_std"] == pytest.approx(0.1414, abs=1e-3)
+    assert summary["repeats"] == 2 and summary["epoch"] == 2
