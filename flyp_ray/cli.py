@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -221,6 +222,7 @@ def init_ray(cfg: config_mod.Config | None = None) -> None:
 
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
+        check_reachable(address)
         try:
             ray.init(address=address, log_to_driver=True, configure_logging=False,
                      runtime_env={"env_vars": RAY_ENV})
@@ -229,6 +231,25 @@ def init_ray(cfg: config_mod.Config | None = None) -> None:
                            f"({type(err).__name__})") from None
     if cfg is not None:
         check_fits(cfg, ray.cluster_resources())
+
+
+def check_reachable(address: str | None, timeout_s: float = 5.0) -> None:
+    """Refuse a ``RAY_ADDRESS`` whose host and port take no connection, in seconds.
+
+    ``ray.init`` would retry for about two minutes before saying the same. ``auto``, ``local``
+    and no address are left to Ray.
+    """
+    if not address or address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise BadInput(f"RAY_ADDRESS: expected host:port or ray://host:port, got {address!r}")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise BadInput(f"RAY_ADDRESS: cannot reach a Ray cluster at {address!r} "
+                       f"({err.strerror or type(err).__name__})") from None
 
 
 def _cluster_resources() -> dict[str, float]:

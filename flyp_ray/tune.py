@@ -194,7 +194,7 @@ def scheduler(cfg: Config) -> TrialScheduler | None:
     sched = cfg.search.scheduler
     metric, mode = trainer.selection(cfg)
     epochs = planned_epochs(cfg.train)
-    if sched.type == "none" or epochs <= 1:
+    if sched.type == "none" or cfg.train.method in ("zeroshot", "lp"):
         return None
     if sched.type == "asha":
         if sched.grace_period > epochs:

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import tiny_config, write_config
+from conftest import free_port, tiny_config, write_config
 
 
 def flyp_ray(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -162,4 +162,17 @@ def test_more_gpus_than_the_cluster_has(ray_session: None, tmp_path: Path,
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert "resources.gpus_per_worker: 2 worker(s) x 1 GPU need 2, but the Ray cluster has 0" \
         in last
+    assert not (tmp_path / "results").exists()
+
+
+def test_unreachable_ray_address_is_refused_at_once(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from flyp_ray import cli
+
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{free_port()}")  # nothing listens there
+    path = write_config(tmp_path / "c.yaml", tiny_config(tmp_path))
+    assert cli.main(["train", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("flyp-ray: error: RAY_ADDRESS: cannot reach a Ray cluster at '127.0.0.1:")
     assert not (tmp_path / "results").exists()

@@ -64,6 +64,11 @@ def test_wiseft_ends_are_the_zero_shot_and_the_finetuned_model_exactly(
     assert {k: final[f"wiseft/0.0/{k}"] for k in zero_shot} == zero_shot
     assert {k: final[f"wiseft/1.0/{k}"] for k in finetuned} == finetuned
     assert "wiseft/0.5/ood_test/acc" in final
+    # Every epoch carries the WiSE-FT objective, so a search (and its scheduler) can use it;
+    # before the sweep it is the current weights' value (alpha 1).
+    for interim in epochs[:-1]:
+        assert "wiseft/0.5/id_val/acc" not in interim
+        assert interim["wiseft/best/id_val/acc"] == interim["id_val/acc"]
     best = final["wiseft/best/alpha"]
     assert final["wiseft/best/id_val/acc"] == final[f"wiseft/{best}/id_val/acc"]
     assert final["wiseft/best/id_val/acc"] == max(final[f"wiseft/{a}/id_val/acc"]
