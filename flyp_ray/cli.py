@@ -210,6 +210,7 @@ def _preflight(cfg: config_mod.Config) -> None:
 # Ray Train gives a worker group 60 s to start; on a busy or small machine, starting a worker
 # process that imports torch can take longer, and the trial would fail for no real reason.
 RAY_ENV = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300"}
+_STARTED_RAY: list[bool] = []  # not empty once this process's command has connected Ray
 
 
 def init_ray(cfg: config_mod.Config | None = None) -> None:
@@ -226,6 +227,7 @@ def init_ray(cfg: config_mod.Config | None = None) -> None:
         try:
             ray.init(address=address, log_to_driver=True, configure_logging=False,
                      runtime_env={"env_vars": RAY_ENV})
+            _STARTED_RAY.append(True)
         except (ConnectionError, TimeoutError) as err:
             raise BadInput(f"RAY_ADDRESS: cannot reach a Ray cluster at {address!r} "
                            f"({type(err).__name__})") from None
@@ -284,6 +286,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def print_json(payload: dict[str, Any]) -> None:
     """The machine-readable result: one JSON line, last on stdout."""
+    if _STARTED_RAY:
+        import ray
+
+        # Ray streams its processes' output to ours until it shuts down: a late warning
+        # would otherwise land after the result line that scripts read.
+        ray.shutdown()
     sys.stdout.flush()
     print(json.dumps(payload, sort_keys=True, default=str), flush=True)
 

@@ -48,10 +48,10 @@ class Best:
     score: float = -math.inf
 
     def update(self, model: torch.nn.Module, metrics: dict[str, float]) -> None:
-        """Keep ``model``'s weights if ``metrics`` beat the best so far (the first best wins,
-        as in the selection of the best epoch)."""
+        """Keep ``model``'s weights if ``metrics`` are at least as good as the best so far: the
+        last of equals, as Ray Train keeps the last of equally scored checkpoints."""
         score = metrics.get(SELECT)
-        if score is not None and score > self.score:
+        if score is not None and score >= self.score:
             self.state, self.score = snapshot(model), score
 
 
