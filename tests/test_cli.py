@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -165,14 +166,13 @@ def test_more_gpus_than_the_cluster_has(ray_session: None, tmp_path: Path,
     assert not (tmp_path / "results").exists()
 
 
-def test_unreachable_ray_address_is_refused_at_once(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str],
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    from flyp_ray import cli
-
-    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{free_port()}")  # nothing listens there
+def test_unreachable_ray_address_is_refused_at_once(tmp_path: Path) -> None:
+    # Its own process: in this one, an earlier test may already have connected Ray.
     path = write_config(tmp_path / "c.yaml", tiny_config(tmp_path))
-    assert cli.main(["train", str(path)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
+    env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{free_port()}"}  # nothing listens there
+    done = subprocess.run([sys.executable, "-m", "flyp_ray", "train", str(path)], cwd=tmp_path,
+                          text=True, capture_output=True, env=env, timeout=120)
+    assert done.returncode == 2
+    err = done.stderr.strip().splitlines()[-1]
     assert err.startswith("flyp-ray: error: RAY_ADDRESS: cannot reach a Ray cluster at '127.0.0.1:")
     assert not (tmp_path / "results").exists()
