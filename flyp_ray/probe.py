@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -22,6 +22,9 @@ from flyp_ray import cache, fewshot
 from flyp_ray.data import ImageDataset, Split
 from flyp_ray.errors import DataError
 from flyp_ray.evaluate import embed, gather, unwrap
+
+if TYPE_CHECKING:  # the loop imports this module: a runtime import would be circular
+    from flyp_ray.loop import Run
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +48,7 @@ def _with_transform(dataset: Dataset[Any], like: Dataset[Any]) -> Dataset[Any]:
     return dataset
 
 
-def features(run: Any, split: Split) -> tuple[torch.Tensor, torch.Tensor]:
+def features(run: Run, split: Split) -> tuple[torch.Tensor, torch.Tensor]:
     """All workers' unit image features of ``split`` and their labels, in item order."""
     local = embed(run.model, split, batch_size=run.train.eval_batch_size, device=run.device,
                   precision=run.train.precision, rank=run.rank, world_size=run.world_size,
@@ -89,7 +92,7 @@ def choose(train: tuple[torch.Tensor, torch.Tensor], select: tuple[torch.Tensor,
     return best[2], best[1]
 
 
-def fit_probe(run: Any) -> dict[str, float]:
+def fit_probe(run: Run) -> dict[str, float]:
     """Fit the linear head of ``run``'s classifier in place; returns ``lp/l2`` (the chosen one)."""
     splits = run.data.splits
     if SELECT_SPLIT not in splits:
