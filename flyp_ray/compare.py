@@ -159,11 +159,11 @@ def curves(rows: Sequence[Row]) -> dict[str, list[tuple[float, float, float]]]:
         if not id_name or not ood_name:
             continue
         points = []
-        for alpha in DEFAULT_ALPHAS + [a for a in _alphas(m) if a not in DEFAULT_ALPHAS]:
+        for alpha in _alphas(m):
             prefix = f"wiseft/{alpha_name(alpha)}/"
             if f"{prefix}{id_name}" in m and f"{prefix}{ood_name}" in m:
                 points.append((alpha, m[f"{prefix}{id_name}"], m[f"{prefix}{ood_name}"]))
-        out[row.method] = sorted(points)
+        out[row.method] = points
     return out
 
 

@@ -354,7 +354,6 @@ def run_epochs(run: Run, start_epoch: int, report: Report) -> None:
         report(epoch, metrics)
 
 
-
 def diverged_metrics(epoch: int, objectives: dict[str, str]) -> dict[str, float]:
     """What a diverged run reports: the worst value of each objective, and a flag.
 

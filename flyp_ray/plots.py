@@ -193,12 +193,7 @@ def id_vs_ood(study: optuna.Study, records: Sequence[Record]) -> Any:
                    label=label)
         if len(front) > 1:
             ax.plot(fx, fy, color="tab:red", linewidth=1, alpha=0.6)
-    ax.set_xlabel(f"ID accuracy ({pair[0]})")
-    ax.set_ylabel(f"OOD accuracy ({pair[1]})")
-    ax.set_title("ID vs OOD accuracy of every trial")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best")
-    return ax
+    return _finish_id_vs_ood(ax, pair, "ID vs OOD accuracy of every trial")
 
 
 def _has(record: Record, pair: tuple[str, str]) -> bool:
@@ -247,9 +242,16 @@ def _compare_axes(points: Sequence[Mapping[str, Any]],
                        edgecolors=color, linewidths=2)
         ax.scatter([t["id_acc"]], [t["ood_acc"]], color=color, s=60, label=str(t["method"]),
                    zorder=3)
-    ax.set_xlabel(f"ID accuracy ({points[0]['id_metric']})")
-    ax.set_ylabel(f"OOD accuracy ({points[0]['ood_metric']})")
-    ax.set_title("Methods compared; lines: WiSE-FT from zero-shot (alpha 0) to finetuned (1)")
+    return _finish_id_vs_ood(ax, (points[0]["id_metric"], points[0]["ood_metric"]),
+                             "Methods compared; lines: WiSE-FT from zero-shot (alpha 0) to "
+                             "finetuned (1)")
+
+
+def _finish_id_vs_ood(ax: Any, pair: tuple[str, str], title: str) -> Any:
+    """Axis labels naming the two metrics, the title, grid and legend of an ID-vs-OOD plot."""
+    ax.set_xlabel(f"ID accuracy ({pair[0]})")
+    ax.set_ylabel(f"OOD accuracy ({pair[1]})")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(loc="best")
     return ax

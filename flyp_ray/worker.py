@@ -22,9 +22,7 @@ from flyp_ray import checkpoint, fewshot, loop, tracking
 from flyp_ray.config import Config, objectives
 from flyp_ray.errors import TrialDiverged
 from flyp_ray.evaluate import unwrap
-from flyp_ray.loop import Run, diverged_metrics, loader_workers, run_epochs
-
-__all__ = ["loader_workers", "train_loop_per_worker"]
+from flyp_ray.loop import Run, diverged_metrics, run_epochs
 
 log = logging.getLogger(__name__)
 

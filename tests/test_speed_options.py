@@ -31,8 +31,8 @@ from flyp_ray.config import (
 )
 from flyp_ray.errors import ConfigError
 from flyp_ray.evaluate import evaluate_splits, zero_shot_head
+from flyp_ray.loop import loader_workers
 from flyp_ray.model import LoadedModel, load_model, tiny_config_path
-from flyp_ray.worker import loader_workers
 
 CPU = torch.device("cpu")
 SPLITS = ("train", "id_val", "ood_test")
