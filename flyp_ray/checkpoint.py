@@ -95,8 +95,19 @@ def save_marker(folder: Path, epoch: int, metrics: dict[str, float], error: str)
     return folder
 
 
-def load_weights(folder: Path | str, model: torch.nn.Module) -> dict[str, Any]:
-    """Load the model weights of a checkpoint folder (or a bare state-dict file); returns meta."""
+def resume_source(value: str) -> str:
+    """A ``--resume-from`` checkpoint as the workers can open it: a URI as given, a local folder
+    made absolute (workers run in folders of their own), refused at once if it holds no model."""
+    if "://" in value:
+        return value
+    folder = Path(value).expanduser().resolve()
+    if not (folder / MODEL).is_file():
+        raise ModelError(f"--resume-from: no checkpoint at '{value}' (no {MODEL} in it)")
+    return str(folder)
+
+
+def read_weights(folder: Path | str) -> dict[str, torch.Tensor]:
+    """The model state dict of a checkpoint folder (or a bare state-dict file), on the CPU."""
     path = Path(folder)
     file = path / MODEL if path.is_dir() else path
     if not file.is_file():
@@ -104,7 +115,14 @@ def load_weights(folder: Path | str, model: torch.nn.Module) -> dict[str, Any]:
     state = torch.load(file, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_weights(folder: Path | str, model: torch.nn.Module) -> dict[str, Any]:
+    """Load the model weights of a checkpoint folder (or a bare state-dict file); returns meta."""
+    path = Path(folder)
+    file = path / MODEL if path.is_dir() else path
+    state = read_weights(path)
     try:
         model.load_state_dict(state)
     except RuntimeError as err:

@@ -115,12 +115,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Run one training and print its JSON line last."""
-    cfg = load_config(args)
-    _preflight(cfg)
-    from flyp_ray import trainer
+    from flyp_ray import checkpoint, trainer
 
+    cfg = load_config(args)
+    resume_from = checkpoint.resume_source(args.resume_from) if args.resume_from else None
+    _preflight(cfg)
     init_ray(cfg)
-    outcome = trainer.train(cfg, name=args.name, resume_from=args.resume_from)
+    outcome = trainer.train(cfg, name=args.name, resume_from=resume_from)
     print_json(outcome.as_json())
     return 0
 

@@ -270,26 +270,26 @@ def evaluate(run: Run, *, final: bool = True) -> dict[str, float]:
                            world_size=run.world_size, num_workers=run.eval_workers)
 
 
-def final_metrics(run: Run) -> dict[str, float]:
+def final_metrics(run: Run, epoch: int) -> dict[str, float]:
     """Every split, and WiSE-FT's mixes of the starting weights and the epoch best on id_val
     when asked (the epoch FLYP selects; this one if no earlier epoch was better)."""
     metrics = evaluate(run)
     if run.train.wiseft_alphas and run.zero_shot is not None:
         model = unwrap(run.model)
-        run.best.update(model, metrics)
+        run.best.update(model, metrics, epoch)
         metrics.update(wiseft.evaluate_alphas(model, run.zero_shot, run.best.state,
                                               run.train.wiseft_alphas, lambda: evaluate(run)))
     return metrics
 
 
-def interim_metrics(run: Run) -> dict[str, float]:
+def interim_metrics(run: Run, epoch: int) -> dict[str, float]:
     """An epoch before the last: its splits, and with WiSE-FT asked, ``wiseft/best/...`` as far
     as known: the current weights (alpha 1) only, so that a ``wiseft/`` search objective has a
     value at every epoch for the scheduler; the full sweep runs once, at the end."""
     metrics = evaluate(run, final=False)
     if not run.train.wiseft_alphas:
         return metrics
-    run.best.update(unwrap(run.model), metrics)
+    run.best.update(unwrap(run.model), metrics, epoch)
     return {**metrics, **{f"wiseft/best/{k}": v for k, v in metrics.items()},
             "wiseft/best/alpha": 1.0}
 
@@ -344,13 +344,13 @@ def run_epochs(run: Run, start_epoch: int, report: Report) -> None:
         return
     fitted = probe.fit_probe(run) if method in ("lp", "lpft") and start_epoch == 0 else {}
     if method == "lp":
-        report(1, {"epoch": 1, **fitted, **final_metrics(run)})
+        report(1, {"epoch": 1, **fitted, **final_metrics(run, 1)})
         return
     for epoch in range(start_epoch + 1, run.train.epochs + 1):
         final = epoch == run.train.epochs
         metrics = {"epoch": float(epoch), **(fitted if epoch == 1 else {}),
                    **train_epoch(run, epoch)}
-        metrics.update(final_metrics(run) if final else interim_metrics(run))
+        metrics.update(final_metrics(run, epoch) if final else interim_metrics(run, epoch))
         report(epoch, metrics)
 
 

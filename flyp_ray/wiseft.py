@@ -46,13 +46,18 @@ class Best:
 
     state: State | None = None
     score: float = -math.inf
+    epoch: int = 0
 
-    def update(self, model: torch.nn.Module, metrics: dict[str, float]) -> None:
+    def update(self, model: torch.nn.Module, metrics: dict[str, float], epoch: int) -> None:
         """Keep ``model``'s weights if ``metrics`` are at least as good as the best so far: the
         last of equals, as Ray Train keeps the last of equally scored checkpoints."""
         score = metrics.get(SELECT)
         if score is not None and score >= self.score:
-            self.state, self.score = snapshot(model), score
+            self.state, self.score, self.epoch = snapshot(model), score, epoch
+
+    def meta(self) -> dict[str, float]:
+        """What a checkpoint records of it, so that a resumed run finds these weights again."""
+        return {"epoch": self.epoch, "score": self.score}
 
 
 def evaluate_alphas(model: torch.nn.Module, zero_shot: State, finetuned: State | None,

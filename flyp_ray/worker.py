@@ -8,17 +8,18 @@ plain-torch loop, and after every epoch reports metrics and a checkpoint through
 
 from __future__ import annotations
 
-import contextlib
 import logging
+import posixpath
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs
 import ray.train
 import ray.train.torch
 import ray.util
 
-from flyp_ray import checkpoint, fewshot, loop, tracking
+from flyp_ray import checkpoint, fewshot, loop, tracking, wiseft
 from flyp_ray.config import Config, objectives
 from flyp_ray.errors import TrialDiverged
 from flyp_ray.evaluate import unwrap
@@ -30,6 +31,7 @@ RESUME_FROM = "resume_from"  # train_loop_config key: a checkpoint folder to sta
 MLFLOW_RUN = "mlflow_run_id"  # train_loop_config key: the run rank 0 logs to
 FINAL_FLUSH_RETRIES = 7  # backoff 1 + 2 + ... + 64 s: about two minutes for MLflow to return
 PLACEMENT_GROUP = "placement_group"  # reported key: the worker group's placement group id
+WISEFT_BEST = "wiseft_best"  # checkpoint meta key: epoch and score of WiSE-FT's finetuned end
 
 
 def build_run(cfg: Config, draw: int = 0) -> Run:
@@ -41,16 +43,55 @@ def build_run(cfg: Config, draw: int = 0) -> Run:
                           prepare_loader=ray.train.torch.prepare_data_loader)
 
 
-def restore(run: Run, resume_from: str | None) -> int:
-    """Load the latest checkpoint (Ray's after a restart, else ``resume_from``); last epoch."""
+def start_from(resume_from: str | None) -> ray.train.Checkpoint | None:
+    """The checkpoint to resume: Ray's latest after a restart, else ``resume_from``."""
     saved = ray.train.get_checkpoint()
-    if saved is None and resume_from is None:
-        return 0
-    source = saved.as_directory() if saved is not None else contextlib.nullcontext(resume_from)
-    with source as folder:
-        checkpoint.load_weights(Path(str(folder)), unwrap(run.model))
-        return checkpoint.load_training(Path(str(folder)), run.state)
+    if saved is None and resume_from is not None:
+        return ray.train.Checkpoint(resume_from)
+    return saved
 
+
+def restore(run: Run, source: ray.train.Checkpoint | None) -> int:
+    """Load ``source`` into ``run`` (None: start afresh); returns the epoch it finished."""
+    if source is None:
+        return 0
+    with source.as_directory() as folder:
+        meta = checkpoint.load_weights(Path(folder), unwrap(run.model))
+        epoch = checkpoint.load_training(Path(folder), run.state)
+    if run.zero_shot is not None and WISEFT_BEST in meta:
+        restore_best(run, source, meta[WISEFT_BEST], epoch)
+    return epoch
+
+
+def restore_best(run: Run, latest: ray.train.Checkpoint, best: dict[str, float],
+                 epoch: int) -> None:
+    """Give WiSE-FT back its finetuned end, the epoch best on id_val before the restart.
+
+    Without it, a resumed run would mix towards the best epoch *since* the restart. The best
+    epoch's weights are those of its checkpoint, a sibling of the latest one: Ray keeps it if
+    the search's first objective is ``id_val/acc``, the default. If it is gone, the run says so
+    and mixes towards the best epoch from here on.
+    """
+    best_epoch, score = int(best["epoch"]), float(best["score"])
+    if best_epoch < 1:  # no epoch scored on id_val yet
+        return
+    if best_epoch == epoch:
+        run.best = wiseft.Best(wiseft.snapshot(unwrap(run.model)), score, best_epoch)
+        return
+    path = posixpath.join(posixpath.dirname(latest.path.rstrip("/")), epoch_dir(best_epoch))
+    storage = latest.filesystem
+    if storage is None or storage.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
+        log.warning("WiSE-FT: epoch %d (best on id_val) has no checkpoint left at %s; mixing "
+                    "towards the best epoch after %d instead", best_epoch, path, epoch)
+        return
+    with ray.train.Checkpoint(path, filesystem=storage).as_directory() as folder:
+        state = checkpoint.read_weights(Path(folder))
+    run.best = wiseft.Best(state, score, best_epoch)
+
+
+def epoch_dir(epoch: int) -> str:
+    """The checkpoint folder name of an epoch, in the run's storage."""
+    return f"epoch_{epoch:04d}"
 
 
 def report(run: Run, cfg: Config, run_id: str | None, epoch: int,
@@ -63,14 +104,22 @@ def report(run: Run, cfg: Config, run_id: str | None, epoch: int,
     with tempfile.TemporaryDirectory() as tmp:
         saved = None
         if run.rank == 0:
-            # The prompts go with the weights: the logged model rebuilds its head from them.
-            extra = {"classnames": run.data.classnames, "templates": run.data.templates,
-                     "method": run.train.method}
-            checkpoint.save(Path(tmp), unwrap(run.model), run.state, epoch, metrics, extra)
+            checkpoint.save(Path(tmp), unwrap(run.model), run.state, epoch, metrics,
+                            checkpoint_extra(run))
             saved = ray.train.Checkpoint.from_directory(tmp)
         # Every worker calls report: it is a barrier, and metrics come from rank 0.
         ray.train.report({**metrics, **placement_group()}, checkpoint=saved,
-                         checkpoint_dir_name=f"epoch_{epoch:04d}")
+                         checkpoint_dir_name=epoch_dir(epoch))
+
+
+def checkpoint_extra(run: Run) -> dict[str, Any]:
+    """What a checkpoint's meta.json holds besides epoch and metrics."""
+    # The prompts go with the weights: the logged model rebuilds its head from them.
+    extra: dict[str, Any] = {"classnames": run.data.classnames, "templates": run.data.templates,
+                             "method": run.train.method}
+    if run.zero_shot is not None:
+        extra[WISEFT_BEST] = run.best.meta()
+    return extra
 
 
 def placement_group() -> dict[str, str]:
@@ -104,7 +153,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg: Config = loop_config["config"]
     run_id: str | None = loop_config.get(MLFLOW_RUN)
     run = build_run(cfg)
-    start = restore(run, loop_config.get(RESUME_FROM))
+    start = restore(run, start_from(loop_config.get(RESUME_FROM)))
     last = [start]
     # A restarted worker group (from epoch k's checkpoint, or from scratch) may have logged
     # epoch k+1 before it died: log each epoch to MLflow once, so the run has no duplicates.

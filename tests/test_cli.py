@@ -134,6 +134,20 @@ def test_bad_input_in_process(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert not (tmp_path / "results").exists()  # refused before anything was written
 
 
+def test_resume_from_a_folder_without_a_checkpoint(tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from flyp_ray import cli
+
+    path = write_config(tmp_path / "c.yaml", tiny_config(tmp_path))
+    (tmp_path / "epoch_0002").mkdir()
+
+    assert cli.main(["train", str(path), "--resume-from", str(tmp_path / "epoch_0002")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"flyp-ray: error: --resume-from: no checkpoint at "
+                   f"'{tmp_path / 'epoch_0002'}' (no model.pt in it)"]
+    assert not (tmp_path / "results").exists()  # refused before anything was written
+
+
 def test_folder_without_metadata(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from flyp_ray import cli
 

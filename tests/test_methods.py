@@ -7,17 +7,20 @@ a test-written WILDS-format iWildCam folder read by the real WILDS loader, with 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any
 
 import pytest
+import ray.train
 import torch
 from conftest import tiny_config
 from wilds_folder import write_iwildcam
 
-from flyp_ray import fewshot, loop, probe
+from flyp_ray import checkpoint, fewshot, loop, probe, wiseft, worker
 from flyp_ray.config import Config, from_dict
 from flyp_ray.errors import DataError
+from flyp_ray.evaluate import unwrap
 
 CPU = torch.device("cpu")
 TEST_SPLITS = ("id_test", "ood_test")
@@ -73,6 +76,68 @@ def test_wiseft_ends_are_the_zero_shot_and_the_finetuned_model_exactly(
     assert final["wiseft/best/id_val/acc"] == final[f"wiseft/{best}/id_val/acc"]
     assert final["wiseft/best/id_val/acc"] == max(final[f"wiseft/{a}/id_val/acc"]
                                                   for a in ("0.0", "0.5", "1.0"))
+
+
+def same_state(a: wiseft.State, b: wiseft.State) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resumed_run_mixes_towards_the_best_epoch_before_the_restart(
+        tmp_path: Path, wilds_root: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A worker group restarted from epoch 2 finds epoch 1, the best on id_val, in storage."""
+    storage = tmp_path / "run"
+    first = loop.build_run(config(tmp_path, wilds_root, epochs=1, wiseft_alphas=[0.0, 1.0]), CPU)
+
+    def save(epoch: int, metrics: dict[str, float]) -> None:
+        checkpoint.save(storage / worker.epoch_dir(epoch), unwrap(first.model), first.state,
+                        epoch, metrics, worker.checkpoint_extra(first))
+
+    reports: list[dict[str, float]] = []
+    loop.run_epochs(first, 0, lambda epoch, metrics: (reports.append(metrics),
+                                                      save(epoch, metrics)))
+    best_weights = wiseft.snapshot(unwrap(first.model))
+    # Epoch 2, worse on id_val: its weights move, and the best epoch stays 1.
+    with torch.no_grad():
+        for param in unwrap(first.model).parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    worse = wiseft.snapshot(unwrap(first.model))
+    save(2, {"epoch": 2.0, "id_val/acc": reports[0]["id_val/acc"] - 0.25})
+
+    cfg = config(tmp_path, wilds_root, epochs=3, wiseft_alphas=[0.0, 1.0])
+    resumed = loop.build_run(cfg, CPU)
+    latest = ray.train.Checkpoint(str(storage / worker.epoch_dir(2)))
+    assert worker.restore(resumed, latest) == 2
+    assert same_state(wiseft.snapshot(unwrap(resumed.model)), worse)
+    assert resumed.best.epoch == 1 and resumed.best.state is not None
+    assert same_state(resumed.best.state, best_weights)
+    assert resumed.best.score == reports[0]["id_val/acc"]
+    final: list[dict[str, float]] = []
+    loop.run_epochs(resumed, 2, lambda epoch, metrics: final.append(metrics))
+    (last,) = final
+    assert last["wiseft/1.0/id_val/acc"] == max(reports[0]["id_val/acc"], last["id_val/acc"])
+
+    # The best epoch's checkpoint gone (kept by another objective): said, and mixed from here.
+    checkpoint_1 = storage / worker.epoch_dir(1)
+    for file in checkpoint_1.iterdir():
+        file.unlink()
+    checkpoint_1.rmdir()
+    again = loop.build_run(cfg, CPU)
+    with caplog.at_level(logging.WARNING, logger="flyp_ray.worker"):
+        assert worker.restore(again, latest) == 2
+    assert again.best.state is None
+    assert "epoch 1 (best on id_val) has no checkpoint left" in caplog.text
+
+
+def test_resuming_at_the_best_epoch_keeps_its_weights(tmp_path: Path, wilds_root: Path) -> None:
+    run = loop.build_run(config(tmp_path, wilds_root, epochs=1, wiseft_alphas=[1.0]), CPU)
+    folder = tmp_path / worker.epoch_dir(1)
+    loop.run_epochs(run, 0, lambda epoch, metrics: checkpoint.save(
+        folder, unwrap(run.model), run.state, epoch, metrics, worker.checkpoint_extra(run)))
+    resumed = loop.build_run(config(tmp_path, wilds_root, epochs=2, wiseft_alphas=[1.0]), CPU)
+
+    assert worker.restore(resumed, ray.train.Checkpoint(str(folder))) == 1
+    assert resumed.best.epoch == 1 and resumed.best.state is not None
+    assert same_state(resumed.best.state, wiseft.snapshot(unwrap(run.model)))
 
 
 class Tripwire(torch.utils.data.Dataset[Any]):

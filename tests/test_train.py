@@ -71,20 +71,28 @@ def test_flyp_learns_the_synthetic_set(ray_session: None, tmp_path: Path,
 
 
 def test_checkpoint_resumes_in_another_run(ray_session: None, tmp_path: Path,
-                                           capsys: pytest.CaptureFixture[str]) -> None:
-    raw = tiny_config(tmp_path, train={"epochs": 2, "batch_size": 16})
+                                           capsys: pytest.CaptureFixture[str],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    raw = tiny_config(tmp_path, train={"epochs": 2, "batch_size": 16,
+                                       "wiseft_alphas": [0.0, 1.0]})
     path = write_config(tmp_path / "c.yaml", raw)
     code, first = run_cli(capsys, "train", str(path))
     assert code == 0
     latest = Path(first["checkpoint"]).parent / "epoch_0002"
     steps_per_epoch = 64 // 16
 
+    # Relative, as a user types it: the workers run elsewhere and must get it absolute.
+    monkeypatch.chdir(latest.parent)
     code, second = run_cli(capsys, "train", str(path), "--set", "epochs=3",
-                           "--resume-from", str(latest))
+                           "--resume-from", "epoch_0002")
 
     assert code == 0
-    assert [s for s, _ in history(raw["tracking"]["uri"], second["mlflow_run_id"],
-                                  "train/loss")] == [3]
+    uri = raw["tracking"]["uri"]
+    assert [s for s, _ in history(uri, second["mlflow_run_id"], "train/loss")] == [3]
+    # WiSE-FT's finetuned end is the best epoch of both runs, not only of the resumed one.
+    accuracy = [a for run in (first, second)
+                for _, a in history(uri, run["mlflow_run_id"], "id_val/acc")]
+    assert second["metrics"]["wiseft/1.0/id_val/acc"] == max(accuracy)
     final = Path(second["checkpoint"]).parent / "epoch_0003" / "training.pt"
     state = torch.load(final, weights_only=True)
     assert state["epoch"] == 3
