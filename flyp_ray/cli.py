@@ -115,9 +115,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Run one training and print its JSON line last."""
+    cfg = load_config(args)  # first: bad YAML is reported before the heavy imports below
     from flyp_ray import checkpoint, trainer
 
-    cfg = load_config(args)
     resume_from = checkpoint.resume_source(args.resume_from) if args.resume_from else None
     _preflight(cfg)
     init_ray(cfg)

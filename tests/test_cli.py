@@ -43,15 +43,20 @@ CASES: list[tuple[str, dict[str, Any], list[str], list[str]]] = [
 
 @pytest.mark.parametrize(("sections", "extra", "needles"), [c[1:] for c in CASES],
                          ids=[c[0] for c in CASES])
-def test_bad_config_exits_2_with_one_line(tmp_path: Path, sections: dict[str, Any],
-                                          extra: list[str], needles: list[str]) -> None:
+def test_bad_config_exits_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                          sections: dict[str, Any], extra: list[str],
+                                          needles: list[str]) -> None:
+    from flyp_ray import cli
+
     path = write_config(tmp_path / "bad.yaml", tiny_config(tmp_path, **sections))
     # PyYAML's dumper leaves 1e-5 unquoted (YAML 1.1 sees no float there): quote it by hand.
     path.write_text(path.read_text().replace("lr: 1e-5", "lr: '1e-5'"))
-    result = flyp_ray("validate", str(path), *extra, cwd=tmp_path)
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    last = result.stderr.strip().splitlines()[-1]
+    # In this process (a fresh interpreter per case cost 5 s each); the tests below run the
+    # real command in its own process for its exit code and its whole stderr.
+    assert cli.main(["validate", str(path), *extra]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
     assert last.startswith("flyp-ray: error: ")
     for needle in needles:
         assert needle in last, last
