@@ -31,7 +31,8 @@ def test_exponent_without_dot_is_a_float(tmp_path: Path) -> None:
 
 
 def test_quoted_number_is_refused_with_a_hint(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"c.yaml: train.lr: expected a number, got the string '1e-5' \(write it without quotes\)"):
+    with pytest.raises(ConfigError, match=r"c.yaml: train.lr: expected a number, got the "
+                                          r"string '1e-5' \(write it without quotes\)"):
         load_text(tmp_path, "train: {lr: '1e-5'}\n")
 
 

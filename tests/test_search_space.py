@@ -112,7 +112,8 @@ def test_cmaes_without_its_package_or_with_two_metrics(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(importlib.util.find_spec("cmaes") is not None, reason="cmaes is installed")
 def test_cmaes_names_its_missing_package(tmp_path: Path) -> None:
-    cfg = load(tmp_path, sampler="cmaes", space={"lr": {"type": "float", "low": 1e-6, "high": 1e-4}})
+    cfg = load(tmp_path, sampler="cmaes",
+               space={"lr": {"type": "float", "low": 1e-6, "high": 1e-4}})
     with pytest.raises(ConfigError, match="search.sampler: cmaes needs the 'cmaes' package"):
         search_space.sampler(cfg.search, cfg.source)
 

@@ -1,4 +1,4 @@
-"""``flyp-ray train`` end to end on real local Ray, real MLflow (sqlite) and the real WILDS loader."""
+"""``flyp-ray train`` end to end on real local Ray, real MLflow (sqlite), the real WILDS loader."""
 
 from __future__ import annotations
 

@@ -81,7 +81,7 @@ def write_camelyon17(root: Path, n_per_split: int = 8, image_size: int = 32, see
     # (split, center, split id): WILDS overrides the split column of centers 1 and 2.
     parts = (("train", 0, 0), ("id_val", 0, 1), ("val", 1, 0), ("test", 2, 0))
     rows = []
-    for split, center, split_id in parts:
+    for _split, center, split_id in parts:
         patient = f"{center:03d}"
         patch_dir = folder / "patches" / f"patient_{patient}_node_0"
         patch_dir.mkdir(parents=True, exist_ok=True)
