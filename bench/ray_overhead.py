@@ -46,6 +46,9 @@ def measure(config: dict[str, Any]) -> dict[str, float]:
     cpu = time.process_time()
     seconds = time_steps(step, config["steps"], device)
     cpu_per_step = (time.process_time() - cpu) / config["steps"]
+    del step
+    if device.type == "cuda":  # the driver's cached blocks would crowd the Ray worker's GPU
+        torch.cuda.empty_cache()
     return {"pairs_per_s": config["batch"] / seconds,
             "pairs_per_cpu_s": config["batch"] / cpu_per_step}
 
