@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from flyp_ray import config as config_mod
-from flyp_ray.errors import BadInput, ConfigError, FlypRayError
+from flyp_ray.errors import BadInput, ConfigError, FlypRayError, first_line, worker_failure
 
 log = logging.getLogger("flyp_ray")
 
@@ -324,22 +324,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         # Ray has already logged the worker's traceback; end with the one line that matters.
         kind = "error" if isinstance(failure, BadInput) else "failed"
-        text = str(failure).strip().splitlines()
-        print(f"flyp-ray: {kind}: a training worker stopped: "
-              f"{text[0] if text else type(failure).__name__}", file=sys.stderr)
+        print(f"flyp-ray: {kind}: a training worker stopped: {first_line(failure)}",
+              file=sys.stderr)
         return failure.exit_code if isinstance(failure, FlypRayError) else 1
-
-
-def worker_failure(err: BaseException) -> BaseException | None:
-    """The lowest rank's own error inside Ray Train's ``WorkerGroupError``, else None.
-
-    A corrupt image (``DataError``) or a checkpoint that cannot be written (``OSError`` naming
-    the path) reaches the driver wrapped in Ray's error, whose message is a traceback.
-    """
-    failures = getattr(err, "worker_failures", None)  # ray.train.WorkerGroupError's field
-    if not isinstance(failures, dict) or not failures:
-        return None
-    return failures[min(failures)]
 
 
 if __name__ == "__main__":

@@ -4,9 +4,10 @@ Each method (``zeroshot``, ``lp``, ``ce``, ``lpft``, ``flyp``) runs through the 
 path and evaluation: one ``train`` run each, or with ``--tune`` one search each with the config's
 ``search`` section (the same number of trials for every method that has something to search;
 ``zeroshot`` trains nothing and ``lp`` picks its regularisation on id_val by itself, so each runs
-once). Every finetuned method is also evaluated with WiSE-FT. The result is the paper-style table
-(Markdown and CSV) and an ID-vs-OOD scatter with each method's WiSE-FT curve, written to a folder
-and logged to a ``compare`` MLflow run under which every method's run is nested.
+once). The methods run at the same time, one Ray task each. Every finetuned method is also
+evaluated with WiSE-FT. The result is the paper-style table (Markdown and CSV) and an ID-vs-OOD
+scatter with each method's WiSE-FT curve, written to a folder and logged to a ``compare`` MLflow
+run under which every method's run is nested.
 """
 
 from __future__ import annotations
@@ -22,10 +23,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import ray
+import ray.exceptions
+
 from flyp_ray import plots, tracking, trainer
 from flyp_ray import tune as search_mod
 from flyp_ray.config import Config, with_train
-from flyp_ray.errors import BadInput
+from flyp_ray.errors import BadInput, first_line
 from flyp_ray.wiseft import name as alpha_name
 
 log = logging.getLogger(__name__)
@@ -65,20 +69,50 @@ def method_config(cfg: Config, method: str) -> Config:
     return with_train(cfg, method=method, wiseft_alphas=alphas)
 
 
-def run_method(cfg: Config, method: str, tune: bool, parent_run_id: str) -> Row:
-    """Train or search one method; a failure becomes the row's error, never the comparison's."""
+def run_method(cfg: Config, method: str, tune: bool, parent_run_id: str, label: str) -> Row:
+    """Train or search one method; a failure becomes the row's error, never the comparison's.
+
+    ``label`` (the comparison's folder name) names the method's search: the searches run at the
+    same time and would otherwise race for the config's next free search name.
+    """
     mcfg = method_config(cfg, method)
     try:
         if tune and method in SEARCHED:
-            summary = search_mod.run_search(mcfg, parent_run_id=parent_run_id)
+            summary = search_mod.run_search(mcfg, parent_run_id=parent_run_id,
+                                            name=f"{label}-{method}")
             return Row(method, int(summary["num_trials"]), dict(summary["best_metrics"]),
                        summary["mlflow_parent_run_id"])
         outcome = trainer.train(mcfg, name=f"{trainer.new_name(mcfg)}-{method}",
                                 parent_run_id=parent_run_id)
         return Row(method, 1, outcome.metrics, outcome.mlflow_run_id)
     except Exception as err:  # noqa: BLE001 - Ray Train's errors share no narrower base
-        log.error("compare: %s failed: %s", method, str(err).splitlines()[0][:300])
-        return Row(method, 0, {}, error=str(err).splitlines()[0][:300])
+        log.error("compare: %s failed: %s", method, first_line(err))
+        return Row(method, 0, {}, error=first_line(err))
+
+
+def run_methods(cfg: Config, methods: Sequence[str], tune: bool, parent_run_id: str,
+                label: str) -> list[Row]:
+    """Every method at once, each driven by a Ray task of its own; rows in ``methods`` order.
+
+    Side by side, the comparison takes as long as its slowest method where the cluster has room
+    for all of them, and Ray queues the runs where it has not. A process per method, not a
+    thread: Ray Tune keeps process-wide state (its trainable registry, the main thread's signal
+    handlers), so two searches cannot share a driver. The tasks reserve no CPU: they only wait
+    on runs whose workers reserve their own.
+    """
+    task = ray.remote(num_cpus=0, max_retries=0)(run_method)
+    pending = [task.remote(cfg, method, tune, parent_run_id, label) for method in methods]
+    return [_row(method, ref) for method, ref in zip(methods, pending, strict=True)]
+
+
+def _row(method: str, ref: ray.ObjectRef) -> Row:
+    """The task's row; a task that died (its process killed) becomes an error row too."""
+    try:
+        row: Row = ray.get(ref)
+        return row
+    except ray.exceptions.RayError as err:
+        log.error("compare: %s stopped: %s", method, first_line(err))
+        return Row(method, 0, {}, error=first_line(err))
 
 
 def pick(metrics: Mapping[str, float], names: Sequence[str], prefix: str = "") -> str | None:
@@ -193,7 +227,7 @@ def run_compare(cfg: Config, methods: Sequence[str], *, tune: bool = False) -> d
     parent = tracking.start_run(cfg, folder.name, {tracking.KIND_TAG: "compare",
                                                   "flyp_ray.methods": ",".join(methods),
                                                   "flyp_ray.tune": str(tune).lower()})
-    rows = [run_method(cfg, method, tune, parent) for method in methods]
+    rows = run_methods(cfg, methods, tune, parent, folder.name)
     table = table_rows(rows)
     (folder / "table.md").write_text(to_markdown(table, f"{cfg.dataset.name}: methods compared"))
     (folder / "table.csv").write_text(to_csv(table))

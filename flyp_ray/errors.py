@@ -44,3 +44,22 @@ class ModelError(BadInput):
 
 class TrialDiverged(FlypRayError):
     """The training loss became NaN or infinite."""
+
+
+def worker_failure(err: BaseException) -> BaseException | None:
+    """The lowest rank's own error inside Ray Train's ``WorkerGroupError``, else None.
+
+    A corrupt image (``DataError``) or a checkpoint that cannot be written (``OSError`` naming
+    the path) reaches the driver wrapped in Ray's error, whose message is a traceback.
+    """
+    failures = getattr(err, "worker_failures", None)  # ray.train.WorkerGroupError's field
+    if not isinstance(failures, dict) or not failures:
+        return None
+    return failures[min(failures)]
+
+
+def first_line(err: BaseException, limit: int = 300) -> str:
+    """What went wrong in one line: a training worker's own error where Ray wraps one."""
+    cause = worker_failure(err) or err
+    lines = str(cause).strip().splitlines()
+    return lines[0][:limit] if lines else type(cause).__name__

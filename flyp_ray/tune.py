@@ -89,15 +89,19 @@ def _existing(cfg: Config) -> list[tuple[int, str]]:
 def locate(cfg: Config, resume: bool) -> Search:
     """The search to run: the newest one of this config to resume, or a fresh, unused name."""
     existing = _existing(cfg)
-    root = trainer.storage_path(cfg)
     if resume:
         if not existing:
             raise BadInput(f"{cfg.source}: storage: no search named {base_name(cfg)}[-N] to "
-                           f"resume under {root!r}")
+                           f"resume under {trainer.storage_path(cfg)!r}")
         name = existing[-1][1]
     else:
         name = base_name(cfg) if not existing else f"{base_name(cfg)}-{existing[-1][0] + 1}"
-    return Search(name=name, path=f"{root.rstrip('/')}/{name}")
+    return Search(name=name, path=join(cfg, name))
+
+
+def join(cfg: Config, name: str) -> str:
+    """The path of search ``name`` under the config's storage."""
+    return f"{trainer.storage_path(cfg).rstrip('/')}/{name}"
 
 
 def _write_text(path: str, text: str) -> None:
@@ -364,14 +368,15 @@ def close_trial_runs(cfg: Config, parent_run_id: str, records: Sequence[dict[str
 
 def run_search(cfg: Config, *, resume: bool = False,
                warm_points: Sequence[Mapping[str, Any]] = (),
-               parent_run_id: str | None = None) -> dict[str, Any]:
+               parent_run_id: str | None = None, name: str | None = None) -> dict[str, Any]:
     """Run (or resume) the search of ``cfg``; returns the summary, also written as summary.json.
 
     ``warm_points`` (best configs of earlier searches) are tried first when
     ``search.warm_start`` is on, together with the best configs of the finished searches in the
-    same MLflow experiment. ``parent_run_id`` nests the search's run under another (``compare``).
+    same MLflow experiment. ``parent_run_id`` nests the search's run under another (``compare``)
+    and ``name``, unique to the caller, replaces the config's next free search name.
     """
-    search = locate(cfg, resume)
+    search = locate(cfg, resume) if name is None else Search(name, join(cfg, name))
     uri = cfg.tracking.uri
     if resume:
         tags = {tracking.KIND_TAG: "search", tracking.SEARCH_PATH_TAG: search.path}

@@ -59,17 +59,40 @@ def test_compare_runs_every_method_and_writes_the_table(
     assert parent.data.metrics["flyp/ood_acc"] == table["flyp"]["ood_acc"]
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "compare")}
     assert {"compare/table.md", "compare/table.csv", "compare/id_vs_ood.png"} <= artifacts
+    spans = []
     for method, run_id in summary["runs"].items():
         run = client.get_run(run_id)
         assert run.data.tags[tracking.PARENT_TAG] == parent.info.run_id
         assert run.data.params["method"] == method
         assert run.data.metrics["ood_test/acc"] == table[method]["ood_acc"]
+        spans.append((run.info.start_time, run.info.end_time))
+    # Side by side: every method's run had started before the first one ended.
+    assert max(start for start, _ in spans) < min(end for _, end in spans)
     lp_run = client.get_run(summary["runs"]["lp"])
     assert lp_run.data.metrics["lp/l2"] in cfg.train.lp_l2
     assert "wiseft/0.5/ood_test/acc" in client.get_run(summary["runs"]["ce"]).data.metrics
     # A baseline's logged model is its image tower and trained head, and scores as in training.
     logged = registry.evaluate_model(cfg, f"runs:/{summary['runs']['lpft']}/model")
     assert logged["ood_test/acc"] == pytest.approx(table["lpft"]["ood_acc"])
+
+
+def test_failed_methods_become_rows_and_the_comparison_ends(
+        ray_session: None, tmp_path: Path, wilds_root: Path) -> None:
+    broken = tmp_path / "broken"
+    write_iwildcam(broken, n_per_split=8, num_classes=4)
+    for image in (broken / "iwildcam_v2.0" / "train").iterdir():
+        image.write_bytes(b"not a JPEG")  # every split's images: every method reads some
+    cfg = from_dict(wilds_config(tmp_path, broken), str(tmp_path / "broken.yaml"))
+
+    summary = compare.run_compare(cfg, ["zeroshot", "lp"])
+
+    rows = {row["method"]: row for row in summary["table"]}
+    assert list(rows) == ["zeroshot", "lp"]
+    assert all("cannot read image" in (row["error"] or "") for row in rows.values()), rows
+    folder = Path(summary["folder"])
+    assert "| lp | 0 | failed: " in (folder / "table.md").read_text()
+    client = MlflowClient(tracking_uri=cfg.tracking.uri)
+    assert client.get_run(summary["mlflow_run_id"]).info.status == "FAILED"
 
 
 def test_few_shot_repeats_report_mean_and_std(
