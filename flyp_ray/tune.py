@@ -96,10 +96,10 @@ def locate(cfg: Config, resume: bool) -> Search:
         name = existing[-1][1]
     else:
         name = base_name(cfg) if not existing else f"{base_name(cfg)}-{existing[-1][0] + 1}"
-    return Search(name=name, path=join(cfg, name))
+    return Search(name=name, path=search_path(cfg, name))
 
 
-def join(cfg: Config, name: str) -> str:
+def search_path(cfg: Config, name: str) -> str:
     """The path of search ``name`` under the config's storage."""
     return f"{trainer.storage_path(cfg).rstrip('/')}/{name}"
 
@@ -376,7 +376,7 @@ def run_search(cfg: Config, *, resume: bool = False,
     same MLflow experiment. ``parent_run_id`` nests the search's run under another (``compare``)
     and ``name``, unique to the caller, replaces the config's next free search name.
     """
-    search = locate(cfg, resume) if name is None else Search(name, join(cfg, name))
+    search = locate(cfg, resume) if name is None else Search(name, search_path(cfg, name))
     uri = cfg.tracking.uri
     if resume:
         tags = {tracking.KIND_TAG: "search", tracking.SEARCH_PATH_TAG: search.path}
