@@ -98,9 +98,10 @@ def run_methods(cfg: Config, methods: Sequence[str], tune: bool, parent_run_id: 
     for all of them, and Ray queues the runs where it has not. A process per method, not a
     thread: Ray Tune keeps process-wide state (its trainable registry, the main thread's signal
     handlers), so two searches cannot share a driver. The tasks reserve no CPU: they only wait
-    on runs whose workers reserve their own.
+    on runs whose workers reserve their own. Each task's process exits when its method is done
+    (``max_calls=1``) rather than idle in Ray's pool holding a driver's worth of state.
     """
-    task = ray.remote(num_cpus=0, max_retries=0)(run_method)
+    task = ray.remote(num_cpus=0, max_retries=0, max_calls=1)(run_method)
     pending = [task.remote(cfg, method, tune, parent_run_id, label) for method in methods]
     return [_row(method, ref) for method, ref in zip(methods, pending, strict=True)]
 
