@@ -106,10 +106,15 @@ def resume_source(value: str) -> str:
     return str(folder)
 
 
+def model_file(folder: Path | str) -> Path:
+    """The weights file of a checkpoint folder, or the path itself if it is a file."""
+    path = Path(folder)
+    return path / MODEL if path.is_dir() else path
+
+
 def read_weights(folder: Path | str) -> dict[str, torch.Tensor]:
     """The model state dict of a checkpoint folder (or a bare state-dict file), on the CPU."""
-    path = Path(folder)
-    file = path / MODEL if path.is_dir() else path
+    file = model_file(folder)
     if not file.is_file():
         raise ModelError(f"checkpoint not found: {file}")
     state = torch.load(file, map_location="cpu", weights_only=True)
@@ -120,15 +125,14 @@ def read_weights(folder: Path | str) -> dict[str, torch.Tensor]:
 
 def load_weights(folder: Path | str, model: torch.nn.Module) -> dict[str, Any]:
     """Load the model weights of a checkpoint folder (or a bare state-dict file); returns meta."""
-    path = Path(folder)
-    file = path / MODEL if path.is_dir() else path
-    state = read_weights(path)
+    file = model_file(folder)
+    state = read_weights(file)
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
         first = str(err).splitlines()[0]
         raise ModelError(f"checkpoint {file} does not fit the model: {first}") from None
-    return load_meta(path)
+    return load_meta(folder)
 
 
 def load_meta(folder: Path | str) -> dict[str, Any]:

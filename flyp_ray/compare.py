@@ -86,8 +86,9 @@ def run_method(cfg: Config, method: str, tune: bool, parent_run_id: str, label: 
                                 parent_run_id=parent_run_id)
         return Row(method, 1, outcome.metrics, outcome.mlflow_run_id)
     except Exception as err:  # noqa: BLE001 - Ray Train's errors share no narrower base
-        log.error("compare: %s failed: %s", method, first_line(err))
-        return Row(method, 0, {}, error=first_line(err))
+        reason = first_line(err)
+        log.error("compare: %s failed: %s", method, reason)
+        return Row(method, 0, {}, error=reason)
 
 
 def run_methods(cfg: Config, methods: Sequence[str], tune: bool, parent_run_id: str,
@@ -112,8 +113,9 @@ def _row(method: str, ref: ray.ObjectRef) -> Row:
         row: Row = ray.get(ref)
         return row
     except ray.exceptions.RayError as err:
-        log.error("compare: %s stopped: %s", method, first_line(err))
-        return Row(method, 0, {}, error=first_line(err))
+        reason = first_line(err)
+        log.error("compare: %s stopped: %s", method, reason)
+        return Row(method, 0, {}, error=reason)
 
 
 def pick(metrics: Mapping[str, float], names: Sequence[str], prefix: str = "") -> str | None:

@@ -18,7 +18,7 @@ import open_clip
 import torch
 
 from flyp_ray.config import ModelConfig, TrainConfig
-from flyp_ray.errors import ModelError
+from flyp_ray.errors import ModelError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -104,9 +104,8 @@ def load_model(cfg: ModelConfig, source: str = "<config>") -> LoadedModel:
         model, preprocess_train, preprocess_eval = open_clip.create_model_and_transforms(
             name, pretrained=pretrained, output_dict=True, weights_only=True)
     except (RuntimeError, ValueError, OSError, KeyError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelError(f"{source}: model.pretrained: cannot load {pretrained or name!r}: "
-                         f"{first[:300]}") from None
+                         f"{first_line(err)}") from None
     tokenizer = open_clip.get_tokenizer(name)
     return LoadedModel(model, preprocess_train, preprocess_eval, tokenizer, name)
 
