@@ -17,12 +17,14 @@ from pathlib import Path
 import open_clip
 import torch
 
-from flyp_ray import synthetic
 from flyp_ray.config import TrainConfig
-from flyp_ray.data import Data, Split
-from flyp_ray.loop import Run, build_state, loss_step, optimizer_step, prompt_tokens
-from flyp_ray.loss import FlypLoss
-from flyp_ray.model import resolve_arch
+from flyp_ray.data import synthetic
+from flyp_ray.data.base import Data, Split
+from flyp_ray.finetune.loop import loss_step, optimizer_step
+from flyp_ray.finetune.loss import FlypLoss
+from flyp_ray.finetune.model import resolve_arch
+from flyp_ray.finetune.optim import build_state
+from flyp_ray.finetune.run import Run, prompt_tokens
 
 CONFIGS = Path(__file__).parent / "configs"
 TEMPLATES = ["a photo of a {}.", "a picture of a {}."]

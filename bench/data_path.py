@@ -30,8 +30,8 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import machine, median, spread  # noqa: E402
 
-from flyp_ray import data, synthetic  # noqa: E402
 from flyp_ray.config import DatasetConfig  # noqa: E402
+from flyp_ray.data import base, synthetic  # noqa: E402
 
 
 def write_folder(root: Path, count: int, size: int) -> Path:
@@ -47,7 +47,7 @@ def write_folder(root: Path, count: int, size: int) -> Path:
     return root
 
 
-def images_per_s(split: data.Split, batch: int, prepare: bool) -> float:
+def images_per_s(split: base.Split, batch: int, prepare: bool) -> float:
     """Images per CPU-second of one pass over ``split`` in this process (one thread: one core).
 
     CPU time, not wall time: on a machine shared with other work it still measures the work of
@@ -87,11 +87,11 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         print(f"wrote {args.images} JPEGs of {args.source_size} px in "
               f"{time.perf_counter() - start:.1f} s", flush=True)
 
-        def load(cache: str) -> data.Split:
+        def load(cache: str) -> base.Split:
             cfg = DatasetConfig(name="csv", root=str(root),  # type: ignore[arg-type]
                                 classnames=str(root / "classnames.txt"), cache=cache,
                                 cache_dir=str(Path(tmp) / "cache"))
-            return data.load_data(cfg, train_t, eval_t, "bench").splits["train"]
+            return load.load_data(cfg, train_t, eval_t, "bench").splits["train"]
 
         memory, disk = load("memory"), load("disk")
         rates["fill"].append(images_per_s(memory, args.batch, prepare=False))  # first pass decodes

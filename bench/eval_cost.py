@@ -31,10 +31,11 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import arch_path, machine, median, spread  # noqa: E402
 
-from flyp_ray import loop  # noqa: E402
 from flyp_ray.config import DatasetConfig, ModelConfig, TrainConfig  # noqa: E402
-from flyp_ray.data import load_data  # noqa: E402
-from flyp_ray.model import load_model, tiny_config_path  # noqa: E402
+from flyp_ray.data.load import load_data  # noqa: E402
+from flyp_ray.finetune import loop  # noqa: E402
+from flyp_ray.finetune.model import load_model, tiny_config_path  # noqa: E402
+from flyp_ray.finetune.run import make_run  # noqa: E402
 
 VARIANTS = {
     "fp32": {},
@@ -54,7 +55,7 @@ def trial(arch: str, variant: dict[str, object], args: argparse.Namespace) -> di
                         eval_batch_size=args.eval_batch, **variant)  # type: ignore[arg-type]
     loader = DataLoader(data.splits["train"].dataset, batch_size=args.batch, shuffle=True,
                         drop_last=True)
-    run = loop.make_run(loaded.model, data, loaded.tokenizer, train, loader, torch.device("cpu"))
+    run = make_run(loaded.model, data, loaded.tokenizer, train, loader, torch.device("cpu"))
     spent = {"train": 0.0, "eval": 0.0}
     for epoch in range(1, args.epochs + 1):
         start = time.process_time()

@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from _common import build_step, machine, median, spread, time_steps  # noqa: E402
 from ray.train.torch import TorchTrainer  # noqa: E402
 
-from flyp_ray.model import tiny_config_path  # noqa: E402
+from flyp_ray.finetune.model import tiny_config_path  # noqa: E402
 
 
 def measure(config: dict[str, Any]) -> dict[str, float]:

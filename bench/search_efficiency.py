@@ -41,10 +41,11 @@ from ray.tune.schedulers import ASHAScheduler  # noqa: E402
 from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from flyp_ray import loop, pretrain  # noqa: E402
 from flyp_ray.config import DatasetConfig, ModelConfig, TrainConfig  # noqa: E402
-from flyp_ray.data import load_data  # noqa: E402
-from flyp_ray.model import load_model, tiny_config_path  # noqa: E402
+from flyp_ray.data.load import load_data  # noqa: E402
+from flyp_ray.finetune import loop, pretrain  # noqa: E402
+from flyp_ray.finetune.model import load_model, tiny_config_path  # noqa: E402
+from flyp_ray.finetune.run import make_run, seed_everything  # noqa: E402
 
 METRIC = "id_val/acc"
 GRID = {"lr": [1e-4, 3e-4, 1e-3, 3e-3], "temperature": [0.02, 0.05, 0.1],
@@ -54,7 +55,7 @@ GRID = {"lr": [1e-4, 3e-4, 1e-3, 3e-3], "temperature": [0.02, 0.05, 0.1],
 def trainable(config: dict[str, Any]) -> None:
     """One trial: the loop on synthetic data, reporting ID-val accuracy every epoch."""
     torch.set_num_threads(1)
-    loop.seed_everything(0)
+    seed_everything(0)
     loaded = load_model(ModelConfig(arch=str(tiny_config_path()), pretrained=config["weights"]))
     data = load_data(DatasetConfig(name="synthetic", subsample=config["subsample"]),
                      loaded.preprocess_train, loaded.preprocess_eval, "bench")
@@ -62,7 +63,7 @@ def trainable(config: dict[str, Any]) -> None:
                         eval_batch_size=256, eval_splits=["id_val"], lr=config["lr"],
                         temperature=config["temperature"], weight_decay=config["weight_decay"])
     loader = DataLoader(data.splits["train"].dataset, batch_size=32, shuffle=True, drop_last=True)
-    run = loop.make_run(loaded.model, data, loaded.tokenizer, train, loader, torch.device("cpu"))
+    run = make_run(loaded.model, data, loaded.tokenizer, train, loader, torch.device("cpu"))
 
     def report(epoch: int, metrics: dict[str, float]) -> None:
         ray.tune.report({"epoch": epoch, METRIC: metrics[METRIC], "wall": time.time()})
@@ -99,7 +100,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", default="0", help="TPE sampler seeds, comma-separated: one "
                    "search each against the same grid")
     p.add_argument("--pretrained", action="store_true",
-                   help="start every trial from the pre-trained tiny model (flyp_ray.pretrain)")
+                   help="start every trial from the pre-trained tiny model "
+                        "(flyp_ray.finetune.pretrain)")
     p.add_argument("--concurrent", type=int, default=2)
     return p.parse_args(argv)
 

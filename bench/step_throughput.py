@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import build_step, machine, median, spread, step_flops, time_steps  # noqa: E402
 
-from flyp_ray.model import tiny_config_path  # noqa: E402
+from flyp_ray.finetune.model import tiny_config_path  # noqa: E402
 
 CPU_GHZ = 3.0
 CPU_FP32_FLOP_PER_CYCLE = 32

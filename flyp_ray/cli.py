@@ -10,13 +10,13 @@ import argparse
 import json
 import logging
 import os
-import socket
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from flyp_ray import config as config_mod
-from flyp_ray.errors import BadInput, ConfigError, FlypRayError, first_line, worker_failure
+from flyp_ray.distributed import cluster
+from flyp_ray.errors import BadInput, FlypRayError, first_line, worker_failure
 
 log = logging.getLogger("flyp_ray")
 
@@ -103,8 +103,8 @@ def load_config(args: argparse.Namespace) -> config_mod.Config:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     """Check the config, the data root and the model spec; print what was found."""
-    from flyp_ray.data import check_data
-    from flyp_ray.model import check_model
+    from flyp_ray.data.load import check_data
+    from flyp_ray.finetune.model import check_model
 
     cfg = load_config(args)
     print(f"{cfg.source}: config ok")
@@ -116,11 +116,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     """Run one training and print its JSON line last."""
     cfg = load_config(args)  # first: bad YAML is reported before the heavy imports below
-    from flyp_ray import checkpoint, trainer
+    from flyp_ray.distributed import trainer
+    from flyp_ray.finetune import checkpoint
 
     resume_from = checkpoint.resume_source(args.resume_from) if args.resume_from else None
     _preflight(cfg)
-    init_ray(cfg)
+    cluster.init_ray(cfg)
     outcome = trainer.train(cfg, name=args.name, resume_from=resume_from)
     print_json(outcome.as_json())
     return 0
@@ -130,23 +131,27 @@ def cmd_submit(args: argparse.Namespace) -> int:
     """Submit the command after ``--`` as a Ray job; with --wait, its exit code."""
     from pathlib import Path
 
-    from flyp_ray import submit
+    from flyp_ray.distributed import submit
 
     command = args.job_command[1:] if args.job_command[:1] == ["--"] else args.job_command
     if not args.address:
         raise BadInput("submit: --address is required (or set RAY_API_SERVER_ADDRESS)")
     working_dir = Path(args.working_dir) if args.working_dir else None
-    return submit.run(args.address, command, working_dir=working_dir, wait_for_it=args.wait)
+    client, job_id = submit.start(args.address, command, working_dir=working_dir)
+    if not args.wait:
+        print_json({"job_id": job_id, "address": client.get_address()})
+        return 0
+    return submit.follow(client, job_id)
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
     """Run or resume one search and print its summary last; 1 if no trial gave the metric."""
     cfg = load_config(args)
     _preflight(cfg)
-    from flyp_ray import tune
+    from flyp_ray.search import tune
 
     tune.check(cfg, resume=args.resume)
-    init_ray(cfg)
+    cluster.init_ray(cfg)
     summary = tune.run_search(cfg, resume=args.resume)
     print_json(summary)
     return 0 if summary["best_trial_id"] is not None else 1
@@ -154,15 +159,15 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def cmd_tune_all(args: argparse.Namespace) -> int:
     """One search per config (all checked first); a table on stderr, a JSON line last."""
-    from flyp_ray import tune
+    from flyp_ray.search import tune
 
     cfgs = [config_mod.load(path, args.overrides) for path in args.configs]
     for cfg in cfgs:
         _preflight(cfg)
         tune.check(cfg)
-    init_ray()
+    cluster.init_ray()
     for cfg in cfgs:
-        check_fits(cfg, _cluster_resources())
+        cluster.check_fits(cfg, cluster.cluster_resources())
     summaries = tune.run_all(cfgs)
     tune.print_table(cfgs, summaries)
     print_json({"searches": summaries})
@@ -171,7 +176,7 @@ def cmd_tune_all(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Every method through the same loop; the table's paths and rows as the JSON line last."""
-    from flyp_ray import compare, tune
+    from flyp_ray.search import compare, tune
 
     methods = compare.parse_methods(args.methods)
     cfg = load_config(args)
@@ -179,7 +184,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.tune:
         for method in methods:
             tune.check(compare.method_config(cfg, method))
-    init_ray(cfg)
+    cluster.init_ray(cfg)
     summary = compare.run_compare(cfg, methods, tune=args.tune)
     print_json(summary)
     return 0 if not any(row["error"] for row in summary["table"]) else 1
@@ -188,9 +193,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate a model on every evaluation split; print its metrics as the JSON line last."""
     cfg = load_config(args)
-    from flyp_ray import registry, tracking
+    from flyp_ray.tracking import registry, runs
 
-    tracking.check_uri(cfg.tracking.uri, cfg.source)
+    runs.check_uri(cfg.tracking.uri, cfg.source)
     metrics = registry.evaluate_model(cfg, args.model)
     print_json({"model": args.model, "metrics": metrics})
     return 0
@@ -198,79 +203,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _preflight(cfg: config_mod.Config) -> None:
     """Everything that can be checked before Ray starts: data, model, tracking, storage."""
-    from flyp_ray import checkpoint, tracking
-    from flyp_ray.data import check_data
-    from flyp_ray.model import check_model
+    from flyp_ray.data.load import check_data
+    from flyp_ray.finetune import checkpoint
+    from flyp_ray.finetune.model import check_model
+    from flyp_ray.tracking import runs
 
     check_data(cfg.dataset, cfg.source)
     check_model(cfg.model, cfg.source)
-    tracking.check_uri(cfg.tracking.uri, cfg.source)
+    runs.check_uri(cfg.tracking.uri, cfg.source)
     checkpoint.check_storage(cfg.storage, cfg.source)
-
-
-# Ray Train gives a worker group 60 s to start; on a busy or small machine, starting a worker
-# process that imports torch can take longer, and the trial would fail for no real reason.
-RAY_ENV = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300"}
-_STARTED_RAY: list[bool] = []  # not empty once this process's command has connected Ray
-
-
-def init_ray(cfg: config_mod.Config | None = None) -> None:
-    """Join the cluster in RAY_ADDRESS (or the one this job runs in), else start a local one.
-
-    With ``cfg``, a run whose workers could never be placed is refused here, rather than
-    waiting for resources that the cluster does not have.
-    """
-    import ray
-
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        check_reachable(address)
-        try:
-            ray.init(address=address, log_to_driver=True, configure_logging=False,
-                     runtime_env={"env_vars": RAY_ENV})
-            _STARTED_RAY.append(True)
-        except (ConnectionError, TimeoutError) as err:
-            raise BadInput(f"RAY_ADDRESS: cannot reach a Ray cluster at {address!r} "
-                           f"({type(err).__name__})") from None
-    if cfg is not None:
-        check_fits(cfg, ray.cluster_resources())
-
-
-def check_reachable(address: str | None, timeout_s: float = 5.0) -> None:
-    """Refuse a ``RAY_ADDRESS`` whose host and port take no connection, in seconds.
-
-    ``ray.init`` would retry for about two minutes before saying the same. ``auto``, ``local``
-    and no address are left to Ray.
-    """
-    if not address or address in ("auto", "local"):
-        return
-    hostport = address.split("://", 1)[-1].rstrip("/")
-    host, _, port = hostport.rpartition(":")
-    if not host or not port.isdigit():
-        raise BadInput(f"RAY_ADDRESS: expected host:port or ray://host:port, got {address!r}")
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout_s).close()
-    except OSError as err:
-        raise BadInput(f"RAY_ADDRESS: cannot reach a Ray cluster at {address!r} "
-                       f"({err.strerror or type(err).__name__})") from None
-
-
-def _cluster_resources() -> dict[str, float]:
-    import ray
-
-    return dict(ray.cluster_resources())
-
-
-def check_fits(cfg: config_mod.Config, cluster: dict[str, float]) -> None:
-    """Refuse a worker group that needs more GPUs or CPUs than the whole cluster has."""
-    r = cfg.resources
-    for name, key, per_worker in (("GPU", "gpus_per_worker", r.gpus_per_worker),
-                                  ("CPU", "cpus_per_worker", r.cpus_per_worker)):
-        need, have = r.workers * per_worker, cluster.get(name, 0.0)
-        if need > have:
-            raise ConfigError(
-                cfg.source, f"resources.{key}", f"{r.workers} worker(s) x {per_worker:g} "
-                f"{name} need {need:g}, but the Ray cluster has {have:g}")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -279,7 +220,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from flyp_ray import demo
 
-    init_ray()
+    cluster.init_ray()
     summary = demo.run_demo(Path(args.dir))
     print_json(summary)
     return 0 if summary.get("best_trial_id") is not None else 1
@@ -287,12 +228,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def print_json(payload: dict[str, Any]) -> None:
     """The machine-readable result: one JSON line, last on stdout."""
-    if _STARTED_RAY:
-        import ray
-
-        # Ray streams its processes' output to ours until it shuts down: a late warning
-        # would otherwise land after the result line that scripts read.
-        ray.shutdown()
+    # Ray streams its processes' output to ours until it shuts down: a late warning would
+    # otherwise land after the result line that scripts read.
+    cluster.shutdown_if_started()
     sys.stdout.flush()
     print(json.dumps(payload, sort_keys=True, default=str), flush=True)
 

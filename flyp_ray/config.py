@@ -26,9 +26,9 @@ Precision = Literal["fp32", "bf16", "fp16"]
 SameClass = Literal["negative", "mask", "positive"]
 DatasetName = Literal[
     "iwildcam", "fmow", "camelyon17", "csv", "synthetic",
-    # torchvision-backed transfer and few-shot sets (flyp_ray/transfer.py)
+    # torchvision-backed transfer and few-shot sets (flyp_ray/data/transfer.py)
     "caltech101", "stanford_cars", "flowers102", "pcam", "rendered_sst2",
-    "imagenet",  # ILSVRC-2012 with its shifts as OOD test sets (flyp_ray/imagenet.py)
+    "imagenet",  # ILSVRC-2012 with its shifts as OOD test sets (flyp_ray/data/imagenet.py)
 ]
 # ImageNet's distribution shifts, each evaluated as the split ``ood_test/<name>``.
 OodSet = Literal["imagenet_v2", "imagenet_r", "imagenet_a", "imagenet_sketch", "objectnet"]

@@ -19,10 +19,13 @@ from typing import Any
 
 import torch
 
-from flyp_ray import config, pretrain, tracking, tune
-from flyp_ray.data import load_data
-from flyp_ray.evaluate import evaluate_splits, zero_shot_head
-from flyp_ray.model import load_model, tiny_config_path
+from flyp_ray import config
+from flyp_ray.data.load import load_data
+from flyp_ray.finetune import pretrain
+from flyp_ray.finetune.evaluate import evaluate_splits, zero_shot_head
+from flyp_ray.finetune.model import load_model, tiny_config_path
+from flyp_ray.search import tune
+from flyp_ray.tracking import runs
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +72,9 @@ def zero_shot_metrics(cfg: config.Config) -> dict[str, float]:
 def log_zero_shot(cfg: config.Config, metrics: dict[str, float]) -> str:
     """The baseline as an MLflow run of its own (method zeroshot, epoch 0)."""
     zs = config.with_train(cfg, method="zeroshot", epochs=0)
-    run_id = tracking.start_run(zs, "zeroshot", {tracking.KIND_TAG: "zeroshot"})
-    tracking.log_metrics(cfg.tracking.uri, run_id, metrics, step=0)
-    tracking.end_run(cfg.tracking.uri, run_id)
+    run_id = runs.start_run(zs, "zeroshot", {runs.KIND_TAG: "zeroshot"})
+    runs.log_metrics(cfg.tracking.uri, run_id, metrics, step=0)
+    runs.end_run(cfg.tracking.uri, run_id)
     return run_id
 
 

@@ -1,19 +1,13 @@
-"""Shared fixtures: one local Ray instance for the whole session, the tiny model, configs."""
+"""Shared fixtures: one local Ray instance for the session, the tiny model, an MLflow server,
+and WILDS-format folders that the real WILDS loader reads. Helpers live in ``tests/support``."""
 
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-import yaml
 
 # Quiet, small Ray for a 2-core machine; set before ray is imported anywhere.
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -22,8 +16,11 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from flyp_ray.cli import RAY_ENV  # noqa: E402
-from flyp_ray.model import tiny_config_path  # noqa: E402
+from flyp_ray.distributed.cluster import RAY_ENV  # noqa: E402
+from flyp_ray.finetune.model import tiny_config_path  # noqa: E402
+from tests.support import REPO  # noqa: E402
+from tests.support.servers import free_port, start_mlflow_server, stop_server  # noqa: E402
+from tests.support.wilds_folder import write_camelyon17, write_fmow, write_iwildcam  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -31,10 +28,10 @@ def ray_session() -> Iterator[None]:
     """One local Ray cluster shared by every test that needs Ray; shut down at the end."""
     import ray
 
-    # Workers import test modules by name (functions defined in tests run there too).
-    tests = str(Path(__file__).parent)
+    # Ray workers import test modules by their package name (tests.<wing>.test_x): functions
+    # defined in tests run there too, so the repository root goes on their path.
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=True,
-             runtime_env={"env_vars": {"PYTHONPATH": tests, **RAY_ENV}})
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO), **RAY_ENV}})
     yield
     ray.shutdown()
 
@@ -51,82 +48,6 @@ def tiny_vit_arch() -> str:
     return str(tiny_config_path(vit=True))
 
 
-def write_config(path: Path, raw: dict[str, Any]) -> Path:
-    """Write a config mapping as YAML and return its path."""
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path
-
-
-def tiny_config(tmp: Path, **sections: Any) -> dict[str, Any]:
-    """A small, fast config: synthetic data, the tiny model, one CPU worker, local sqlite."""
-    raw: dict[str, Any] = {
-        "dataset": {"name": "synthetic", "subsample": 64},
-        "model": {"arch": str(tiny_config_path()), "pretrained": None},
-        "train": {"epochs": 1, "batch_size": 16, "lr": 1.0e-3, "warmup_steps": 2,
-                  "eval_batch_size": 64},
-        "resources": {"workers": 1, "cpus_per_worker": 0.5, "max_failures": 0},
-        "tracking": {"uri": f"sqlite:///{tmp / 'mlflow.db'}", "experiment": "test"},
-        "storage": str(tmp / "results"),
-    }
-    for name, values in sections.items():
-        raw[name] = {**raw.get(name, {}), **values} if isinstance(values, dict) else values
-    return raw
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def start_mlflow_server(folder: Path, port: int, *extra_args: str,
-                        env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    """A real MLflow tracking server on 127.0.0.1:port (sqlite backend), answering /health.
-
-    ``extra_args`` go to ``mlflow server`` and ``env`` into its environment (the auth app).
-    """
-    # One worker and no job runner: the default spawns many processes (DESIGN facts).
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})}
-    mlflow_cli = Path(sys.executable).with_name("mlflow")
-    server = subprocess.Popen(
-        [str(mlflow_cli), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
-         "--artifacts-destination", str(folder / "artifacts"), *extra_args],
-        env=env, stdout=open(folder / "server.log", "a"), stderr=subprocess.STDOUT,
-        start_new_session=True)
-    deadline = time.monotonic() + 120
-    while not _healthy(f"http://127.0.0.1:{port}"):
-        if server.poll() is not None or time.monotonic() > deadline:
-            stop_server(server)
-            log = (folder / "server.log").read_text()[-2000:]
-            raise RuntimeError(f"MLflow server did not start: {log}")
-        time.sleep(0.5)
-    return server
-
-
-def _healthy(uri: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{uri}/health", timeout=2) as reply:
-            return bool(reply.status == 200)
-    except OSError:
-        return False
-
-
-def stop_server(server: subprocess.Popen[bytes]) -> None:
-    """Stop a server started in its own session: its whole process group, by PID."""
-    try:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=20)
-    except ProcessLookupError:
-        return
-    except subprocess.TimeoutExpired:
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait()
-
-
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real MLflow tracking server for the session, stopped by its PID at the end."""
@@ -134,3 +55,13 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"), port)
     yield f"http://127.0.0.1:{port}"
     stop_server(server)
+
+
+@pytest.fixture(scope="session")
+def wilds_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A WILDS root_dir with small iWildCam, FMoW and Camelyon17 folders in WILDS' layouts."""
+    root = tmp_path_factory.mktemp("wilds")
+    write_iwildcam(root, n_per_split=8, num_classes=4)
+    write_fmow(root, n_per_split=8)
+    write_camelyon17(root, n_per_split=8)
+    return root

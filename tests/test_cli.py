@@ -10,7 +10,9 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import free_port, tiny_config, write_config
+
+from tests.support.configs import tiny_config, write_config
+from tests.support.servers import free_port
 
 
 def flyp_ray(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:

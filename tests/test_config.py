@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import tiny_config, write_config
 
 from flyp_ray import config
 from flyp_ray.errors import ConfigError
+from tests.support.configs import tiny_config, write_config
 
 
 def load_text(tmp_path: Path, text: str, *overrides: str) -> config.Config:

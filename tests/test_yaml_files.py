@@ -12,10 +12,13 @@ from typing import Any
 import pytest
 import yaml
 
-from flyp_ray import cli, config, submit, transfer
-from flyp_ray.model import tiny_config_path
+from flyp_ray import cli, config
+from flyp_ray.data import transfer
+from flyp_ray.distributed import submit
+from flyp_ray.finetune.model import tiny_config_path
+from tests.support import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 SEARCH_SPACES = sorted((ROOT / "search_spaces").glob("*.yaml"))
 DEPLOY = ROOT / "deploy"
 REAL = {"iwildcam", "fmow", "camelyon17", "csv_example"}
@@ -38,8 +41,8 @@ def _env(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def test_one_file_per_data_set() -> None:
-    # The transfer and few-shot sets have FLYP's own settings: tests/test_transfer.py checks them;
-    # tests/test_imagenet.py checks imagenet's.
+    # The transfer and few-shot sets have FLYP's own settings (tests/data/test_transfer.py
+    # checks them); tests/data/test_imagenet.py checks imagenet's.
     assert {p.stem for p in SEARCH_SPACES} == (REAL | {"synthetic", "imagenet"}
                                                 | set(transfer.NAMES))
 

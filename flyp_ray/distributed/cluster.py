@@ -1,0 +1,87 @@
+"""Joining or starting the Ray cluster a command runs on, and what it can hold.
+
+Ray is imported inside the functions: ``flyp-ray validate`` and a bad config fail fast without
+paying for it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from flyp_ray.config import Config
+from flyp_ray.errors import BadInput, ConfigError
+
+# Ray Train gives a worker group 60 s to start; on a busy or small machine, starting a worker
+# process that imports torch can take longer, and the trial would fail for no real reason.
+RAY_ENV = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300"}
+_STARTED_RAY: list[bool] = []  # not empty once this process's command has connected Ray
+
+
+def init_ray(cfg: Config | None = None) -> None:
+    """Join the cluster in RAY_ADDRESS (or the one this job runs in), else start a local one.
+
+    With ``cfg``, a run whose workers could never be placed is refused here, rather than
+    waiting for resources that the cluster does not have.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        check_reachable(address)
+        try:
+            ray.init(address=address, log_to_driver=True, configure_logging=False,
+                     runtime_env={"env_vars": RAY_ENV})
+            _STARTED_RAY.append(True)
+        except (ConnectionError, TimeoutError) as err:
+            raise BadInput(f"RAY_ADDRESS: cannot reach a Ray cluster at {address!r} "
+                           f"({type(err).__name__})") from None
+    if cfg is not None:
+        check_fits(cfg, ray.cluster_resources())
+
+
+def check_reachable(address: str | None, timeout_s: float = 5.0) -> None:
+    """Refuse a ``RAY_ADDRESS`` whose host and port take no connection, in seconds.
+
+    ``ray.init`` would retry for about two minutes before saying the same. ``auto``, ``local``
+    and no address are left to Ray.
+    """
+    if not address or address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise BadInput(f"RAY_ADDRESS: expected host:port or ray://host:port, got {address!r}")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise BadInput(f"RAY_ADDRESS: cannot reach a Ray cluster at {address!r} "
+                       f"({err.strerror or type(err).__name__})") from None
+
+
+def cluster_resources() -> dict[str, float]:
+    """What the connected Ray cluster has, by resource name."""
+    import ray
+
+    return dict(ray.cluster_resources())
+
+
+def check_fits(cfg: Config, cluster: dict[str, float]) -> None:
+    """Refuse a worker group that needs more GPUs or CPUs than the whole cluster has."""
+    r = cfg.resources
+    for name, key, per_worker in (("GPU", "gpus_per_worker", r.gpus_per_worker),
+                                  ("CPU", "cpus_per_worker", r.cpus_per_worker)):
+        need, have = r.workers * per_worker, cluster.get(name, 0.0)
+        if need > have:
+            raise ConfigError(
+                cfg.source, f"resources.{key}", f"{r.workers} worker(s) x {per_worker:g} "
+                f"{name} need {need:g}, but the Ray cluster has {have:g}")
+
+
+def shutdown_if_started() -> None:
+    """Disconnect from Ray if this process's command connected it (stops a local cluster)."""
+    if _STARTED_RAY:
+        import ray
+
+        ray.shutdown()
+        _STARTED_RAY.clear()

@@ -1,0 +1,152 @@
+"""The driver of one training run: a Ray Train ``TorchTrainer`` built from the config.
+
+Used by ``flyp-ray train`` directly, and (later) by each Tune trial. Runs are named, never
+time-stamped: rebuilding a trainer with the same storage path and name restores the run, which
+is how an interrupted driver continues.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import uuid
+from pathlib import Path
+from typing import Any
+
+import ray.train
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from flyp_ray.config import Config, objectives
+from flyp_ray.distributed import worker
+from flyp_ray.errors import FlypRayError
+from flyp_ray.finetune import wiseft
+from flyp_ray.tracking import registry, runs
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainOutcome:
+    """What ``flyp-ray train`` prints: the selected epoch's metrics and where things are."""
+
+    metrics: dict[str, float]
+    best_epoch: int
+    checkpoint: str
+    mlflow_run_id: str | None
+
+    def as_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def selection(cfg: Config) -> tuple[str, str]:
+    """The metric and mode that select the best epoch (the first objective of the search)."""
+    metrics, modes = objectives(cfg.search)
+    return metrics[0], modes[0]
+
+
+def storage_path(cfg: Config) -> str:
+    """Ray's storage_path: URIs as given, local paths absolute (Ray needs that)."""
+    if "://" in cfg.storage:
+        return cfg.storage
+    return str(Path(cfg.storage).expanduser().resolve())
+
+
+def scaling(cfg: Config) -> ScalingConfig:
+    """The worker group of one run, from ``resources``."""
+    r = cfg.resources
+    per_worker: dict[str, float] = {"CPU": r.cpus_per_worker}
+    if r.gpus_per_worker > 0:
+        per_worker["GPU"] = r.gpus_per_worker
+    return ScalingConfig(num_workers=r.workers, use_gpu=r.gpus_per_worker > 0,
+                         resources_per_worker=per_worker)
+
+
+def build_trainer(cfg: Config, name: str, *, mlflow_run_id: str | None = None,
+                  resume_from: str | None = None,
+                  callbacks: list[Any] | None = None) -> TorchTrainer:
+    """A TorchTrainer for ``cfg``, checkpointing every epoch and keeping the best and latest."""
+    metric, mode = selection(cfg)
+    run_config = RunConfig(
+        name=name,
+        storage_path=storage_path(cfg),
+        failure_config=FailureConfig(max_failures=cfg.resources.max_failures),
+        # Ray always keeps the latest checkpoint too, which is what a restart resumes from.
+        checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=metric,
+                                           checkpoint_score_order=mode),
+        callbacks=callbacks,
+    )
+    loop_config = {"config": cfg, worker.MLFLOW_RUN: mlflow_run_id,
+                   worker.RESUME_FROM: resume_from}
+    return TorchTrainer(worker.train_loop_per_worker, train_loop_config=loop_config,
+                        scaling_config=scaling(cfg), run_config=run_config)
+
+
+def best_of(result: ray.train.Result, metric: str,
+            mode: str) -> tuple[ray.train.Checkpoint, dict[str, Any]]:
+    """The kept checkpoint with the best ``metric`` and its metrics."""
+    kept = result.best_checkpoints or []
+    scored = [(c, m) for c, m in kept if metric in m]
+    if not scored:
+        if result.checkpoint is None:
+            raise FlypRayError(f"run {result.path} reported no checkpoint")
+        return result.checkpoint, dict(result.metrics or {})
+    sign = 1.0 if mode == "max" else -1.0
+    return max(scored, key=lambda cm: sign * float(cm[1][metric]))
+
+
+def new_name(cfg: Config) -> str:
+    """A fresh run name: the config's stem and a short random suffix."""
+    stem = "run" if cfg.source.startswith("<") else Path(cfg.source).stem
+    return f"train-{stem}-{uuid.uuid4().hex[:8]}"
+
+
+def train(cfg: Config, name: str | None = None, resume_from: str | None = None,
+          parent_run_id: str | None = None) -> TrainOutcome:
+    """One finetuning run with the config's fixed values, tracked as one MLflow run.
+
+    ``parent_run_id`` nests that run under another (a ``compare`` run).
+    """
+    name = name or new_name(cfg)
+    run_id = _find_or_start_run(cfg, name, parent_run_id)
+    log.info("Ray Train run %s under %s; MLflow run %s", name, storage_path(cfg), run_id)
+    try:
+        result = build_trainer(cfg, name, mlflow_run_id=run_id, resume_from=resume_from).fit()
+    except Exception:
+        runs.end_run(cfg.tracking.uri, run_id, "FAILED")
+        raise
+    latest = result.metrics or {}
+    if latest.get("diverged"):
+        runs.end_run(cfg.tracking.uri, run_id, "FAILED")
+        raise FlypRayError(f"run {name} diverged (loss not finite) at epoch "
+                           f"{int(latest['epoch'])}; see MLflow run {run_id}")
+    metric, mode = selection(cfg)
+    best, metrics = best_of(result, metric, mode)
+    metrics = wiseft.with_sweep(metrics, latest)
+    _log_model(cfg, run_id, best)
+    runs.set_tags(cfg.tracking.uri, run_id, {"flyp_ray.best_epoch": metrics.get("epoch")})
+    runs.end_run(cfg.tracking.uri, run_id)
+    return TrainOutcome(metrics={k: float(v) for k, v in metrics.items() if _is_number(v)},
+                        best_epoch=int(metrics.get("epoch", 0)), checkpoint=best.path,
+                        mlflow_run_id=run_id)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _find_or_start_run(cfg: Config, name: str, parent_run_id: str | None = None) -> str:
+    """The MLflow run of Ray run ``name``: reused when the driver restarts, else created."""
+    tags = {runs.KIND_TAG: "train", "flyp_ray.run_name": name}
+    if parent_run_id is not None:
+        tags[runs.PARENT_TAG] = parent_run_id
+    found = runs.find_run(cfg.tracking.uri, cfg.tracking.experiment, tags)
+    return found or runs.start_run(cfg, name, tags)
+
+
+def _log_model(cfg: Config, run_id: str, best: ray.train.Checkpoint) -> None:
+    """Log the selected epoch's weights as an MLflow model of the run (never raises)."""
+    with best.as_directory() as folder:
+        uri = registry.log_model(cfg, run_id, folder)
+    if uri is not None:
+        log.info("logged the selected model as %s", uri)

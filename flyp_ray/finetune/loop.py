@@ -1,0 +1,182 @@
+"""The training loop in plain PyTorch: no Ray in here, so it runs and tests in one process.
+
+One loop for every method (``train.method``), one data path and one evaluation:
+
+- ``flyp``: CLIP's contrastive loss between images and prompts of their class; evaluated with
+  the zero-shot head rebuilt from the current text tower.
+- ``ce``: cross-entropy through the image tower and a head that starts as the zero-shot head.
+- ``lp``: that head fitted on frozen image features (:mod:`flyp_ray.finetune.probe`), nothing else.
+- ``lpft``: ``lp``, then ``ce`` from the fitted head (Kumar et al. 2022).
+- ``zeroshot``: evaluation of the pretrained model only.
+
+One epoch is one pass over the training images; every epoch ends with the splits evaluated, and
+the last one with WiSE-FT's mixes when ``train.wiseft_alphas`` asks. The caller decides what to
+do with the metrics (the Ray worker reports and checkpoints them).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from flyp_ray.errors import TrialDiverged
+from flyp_ray.finetune import probe, wiseft
+from flyp_ray.finetune.classifier import ImageClassifier
+from flyp_ray.finetune.evaluate import autocast, evaluate_splits, unwrap
+from flyp_ray.finetune.model import clamp_logit_scale
+from flyp_ray.finetune.run import Run, text_head
+
+Report = Callable[[int, dict[str, float]], None]
+
+
+def draw_prompts(tokens: torch.Tensor, labels: torch.Tensor,
+                 generator: torch.Generator) -> torch.Tensor:
+    """One prompt per image: its class with a template drawn at random (FLYP's pairing)."""
+    choice = torch.randint(tokens.shape[1], (labels.shape[0],), generator=generator)
+    return tokens[labels.cpu(), choice]
+
+
+def loss_step(run: Run, images: torch.Tensor, labels: torch.Tensor,
+              generator: torch.Generator) -> torch.Tensor:
+    """The batch's loss: FLYP's on (image, drawn prompt) pairs, else cross-entropy."""
+    images = images.to(run.device, non_blocking=True)
+    prepare = run.data.splits["train"].prepare
+    if prepare is not None:  # cached uint8 pixels: crop, flip and normalise here, per batch
+        images = prepare(images)
+    if run.train.method != "flyp":
+        labels = labels.to(run.device, non_blocking=True)
+        with autocast(run.device, run.train.precision):
+            return F.cross_entropy(run.model(images).float(), labels)
+    texts = draw_prompts(run.prompts, labels, generator).to(run.device, non_blocking=True)
+    labels = labels.to(run.device, non_blocking=True)
+    with autocast(run.device, run.train.precision):
+        out = run.model(images, texts)
+        return run.loss_fn(out["image_features"].float(), out["text_features"].float(),
+                           out["logit_scale"].float(), labels)
+
+
+def optimizer_step(run: Run, loss: torch.Tensor) -> None:
+    """Backward, optional clipping, step, schedule, and CLIP's logit-scale clamp."""
+    state = run.state
+    state.optimizer.zero_grad(set_to_none=True)
+    state.scaler.scale(loss).backward()
+    if run.train.grad_clip is not None:
+        state.scaler.unscale_(state.optimizer)
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.train.grad_clip)
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    state.scheduler.step()
+    clamp_logit_scale(unwrap(run.model))
+
+
+def all_finite(loss: torch.Tensor, world_size: int) -> bool:
+    """Whether the loss is finite on every worker.
+
+    With the global loss every worker sees the same value; with ``local_loss`` each sees its own
+    rows, and all must agree to stop together (a lone stopping worker would hang the others).
+    """
+    finite = torch.isfinite(loss.detach()).float()
+    if world_size > 1:
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+    return bool(finite.item())
+
+
+def train_epoch(run: Run, epoch: int) -> dict[str, float]:
+    """One pass over the training data: ``train/loss``, ``train/lr``, ``train/temperature``."""
+    run.model.train()
+    # Seeded per (seed, epoch, rank): a resumed run draws the same prompts as an uninterrupted one.
+    generator = torch.Generator().manual_seed(run.train.seed * 100_003 + epoch * 101 + run.rank)
+    total, count = 0.0, 0
+    for step, (images, labels, _) in enumerate(run.loader):
+        loss = loss_step(run, images, labels, generator)
+        if not all_finite(loss, run.world_size if run.train.local_loss else 1):
+            raise TrialDiverged(f"loss is {loss.item()} at epoch {epoch}, step {step}")
+        optimizer_step(run, loss)
+        total += loss.item()
+        count += 1
+    metrics = {"train/loss": total / max(count, 1),
+               "train/lr": run.state.optimizer.param_groups[0]["lr"]}
+    if run.train.method == "flyp":  # the baselines keep CLIP's scale fixed
+        metrics["train/temperature"] = 1.0 / unwrap(run.model).logit_scale.exp().item()
+    return metrics
+
+
+def head(run: Run) -> torch.Tensor:
+    """The evaluation head: a classifier's own, or the zero-shot head of the text tower."""
+    model = unwrap(run.model)
+    if isinstance(model, ImageClassifier):
+        return model.head.detach().float()
+    return text_head(run.model, run.tokenizer, run.data, run.train, run.device)
+
+
+def evaluate(run: Run, *, final: bool = True) -> dict[str, float]:
+    """Evaluate the splits with the current head.
+
+    Every split at the ``final`` epoch; before it, only ``train.eval_splits`` when that is set
+    (a scheduler's early rungs need the search metric, not every split).
+    """
+    wanted = None if final else run.train.eval_splits
+    splits = [s for name, s in run.data.splits.items()
+              if name != "train" and (wanted is None or name in wanted)]
+    return evaluate_splits(run.model, head(run), splits, batch_size=run.train.eval_batch_size,
+                           device=run.device, precision=run.train.precision, rank=run.rank,
+                           world_size=run.world_size, num_workers=run.eval_workers)
+
+
+def final_metrics(run: Run, epoch: int) -> dict[str, float]:
+    """Every split, and WiSE-FT's mixes of the starting weights and the epoch best on id_val
+    when asked (the epoch FLYP selects; this one if no earlier epoch was better)."""
+    metrics = evaluate(run)
+    if run.train.wiseft_alphas and run.zero_shot is not None:
+        model = unwrap(run.model)
+        run.best.update(model, metrics, epoch)
+        metrics.update(wiseft.evaluate_alphas(model, run.zero_shot, run.best.state,
+                                              run.train.wiseft_alphas, lambda: evaluate(run)))
+    return metrics
+
+
+def interim_metrics(run: Run, epoch: int) -> dict[str, float]:
+    """An epoch before the last: its splits, and with WiSE-FT asked, ``wiseft/best/...`` as far
+    as known: the current weights (alpha 1) only, so that a ``wiseft/`` search objective has a
+    value at every epoch for the scheduler; the full sweep runs once, at the end."""
+    metrics = evaluate(run, final=False)
+    if not run.train.wiseft_alphas:
+        return metrics
+    run.best.update(unwrap(run.model), metrics, epoch)
+    return {**metrics, **{f"wiseft/best/{k}": v for k, v in metrics.items()},
+            "wiseft/best/alpha": 1.0}
+
+
+def run_epochs(run: Run, start_epoch: int, report: Report) -> None:
+    """Train from ``start_epoch`` (the last finished one) to the end, reporting each epoch.
+
+    ``zeroshot`` trains nothing: it reports the pretrained model's metrics as epoch 0. ``lp``
+    reports its one fit as epoch 1; ``lpft`` fits the probe before its first epoch.
+    """
+    method = run.train.method
+    if method == "zeroshot":
+        report(0, {"epoch": 0, **evaluate(run)})
+        return
+    fitted = probe.fit_probe(run) if method in ("lp", "lpft") and start_epoch == 0 else {}
+    if method == "lp":
+        report(1, {"epoch": 1, **fitted, **final_metrics(run, 1)})
+        return
+    for epoch in range(start_epoch + 1, run.train.epochs + 1):
+        final = epoch == run.train.epochs
+        metrics = {"epoch": float(epoch), **(fitted if epoch == 1 else {}),
+                   **train_epoch(run, epoch)}
+        metrics.update(final_metrics(run, epoch) if final else interim_metrics(run, epoch))
+        report(epoch, metrics)
+
+
+def diverged_metrics(epoch: int, objectives: dict[str, str]) -> dict[str, float]:
+    """What a diverged run reports: the worst value of each objective, and a flag.
+
+    Reporting (rather than raising) lets the search record the trial as a bad point and go on;
+    a raised error would also make Ray Train restart a run that will diverge again.
+    """
+    worst = {m: (0.0 if mode == "max" else math.inf) for m, mode in objectives.items()}
+    return {"epoch": float(epoch), "diverged": 1.0, **worst}

@@ -1,0 +1,125 @@
+"""open_clip models: architecture by name or model-config JSON, weights by tag, file or hub id.
+
+Everything goes through ``open_clip.create_model_and_transforms``; this module only resolves the
+user's spec into its arguments and turns open_clip's exceptions into one-line errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+
+from flyp_ray.config import ModelConfig, TrainConfig
+from flyp_ray.errors import ModelError, first_line
+
+log = logging.getLogger(__name__)
+
+HF_HUB = "hf-hub:"
+# Shipped with the package for tests and the demo. The default tiny model has a small ResNet
+# image tower: on CPU it learns the synthetic shapes in a few epochs from random weights, where a
+# ViT of the same size needs far more steps. The ViT one has no BatchNorm, so data-parallel
+# runs compute exactly what one process does (the loss-equivalence test uses it).
+TINY_CONFIG = "flyp-tiny.json"
+TINY_VIT_CONFIG = "flyp-tiny-vit.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    """A CLIP model with the transforms and tokenizer that belong to it."""
+
+    model: torch.nn.Module
+    preprocess_train: Callable[[Any], torch.Tensor]
+    preprocess_eval: Callable[[Any], torch.Tensor]
+    tokenizer: Callable[..., torch.Tensor]
+    name: str
+
+
+def tiny_config_path(vit: bool = False) -> Path:
+    """The path of a tiny model-config JSON shipped with the package."""
+    name = TINY_VIT_CONFIG if vit else TINY_CONFIG
+    return Path(str(resources.files("flyp_ray.finetune") / "model_configs" / name))
+
+
+def resolve_arch(arch: str, source: str = "model.arch") -> str:
+    """The open_clip model name for ``arch``, registering a model-config JSON if given one."""
+    if arch.startswith(HF_HUB):
+        return arch
+    if arch.endswith(".json"):
+        path = Path(arch).expanduser()
+        if not path.is_file():
+            raise ModelError(f"{source}: model-config file not found: {path}")
+        # open_clip registers every JSON of a folder or a single file by its stem.
+        open_clip.add_model_config(path)
+        return path.stem
+    if arch not in open_clip.list_models():
+        raise ModelError(f"{source}: unknown open_clip architecture {arch!r} "
+                         f"(an open_clip model name or a path to a model-config JSON)")
+    return arch
+
+
+def check_model(cfg: ModelConfig, source: str) -> str:
+    """Check the spec without building the model; returns a one-line description."""
+    name = resolve_arch(cfg.arch, f"{source}: model.arch")
+    weights = _check_pretrained(name, cfg.pretrained, source)
+    if cfg.pretrained is not None and Path(cfg.pretrained).expanduser().is_file():
+        load_model(cfg, source)  # a local file is cheap to try, and a wrong shape shows only here
+    return f"model {name} with {weights}"
+
+
+def _check_pretrained(name: str, pretrained: str | None, source: str) -> str:
+    if name.startswith(HF_HUB) or pretrained is None:
+        return "weights from the hub" if name.startswith(HF_HUB) else "random initialisation"
+    if pretrained.startswith(HF_HUB):
+        return f"weights from {pretrained}"
+    if pretrained in open_clip.list_pretrained_tags_by_model(name):
+        return f"pretrained tag {pretrained!r}"
+    path = Path(pretrained).expanduser()
+    if path.is_file():
+        return f"checkpoint {path}"
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    raise ModelError(f"{source}: model.pretrained: {pretrained!r} is neither a checkpoint file nor "
+                     f"a tag of {name} (tags: {', '.join(tags) or 'none'})")
+
+
+def load_model(cfg: ModelConfig, source: str = "<config>") -> LoadedModel:
+    """Build the open_clip model, transforms and tokenizer of ``cfg`` (weights on the CPU)."""
+    name = resolve_arch(cfg.arch, f"{source}: model.arch")
+    pretrained = cfg.pretrained
+    if pretrained is not None and pretrained.startswith(HF_HUB) and not name.startswith(HF_HUB):
+        name, pretrained = pretrained, None  # open_clip reads hub weights from the model name
+    _check_pretrained(name, pretrained, source)
+    if pretrained is None and not name.startswith(HF_HUB):
+        log.warning("model.pretrained is null: %s starts from random weights", name)
+    elif pretrained is not None and Path(pretrained).expanduser().is_file():
+        pretrained = str(Path(pretrained).expanduser())
+    try:
+        model, preprocess_train, preprocess_eval = open_clip.create_model_and_transforms(
+            name, pretrained=pretrained, output_dict=True, weights_only=True)
+    except (RuntimeError, ValueError, OSError, KeyError) as err:
+        raise ModelError(f"{source}: model.pretrained: cannot load {pretrained or name!r}: "
+                         f"{first_line(err)}") from None
+    tokenizer = open_clip.get_tokenizer(name)
+    return LoadedModel(model, preprocess_train, preprocess_eval, tokenizer, name)
+
+
+def apply_temperature(model: torch.nn.Module, train: TrainConfig) -> None:
+    """Set and freeze/unfreeze CLIP's logit scale as the TrainConfig asks."""
+    logit_scale: torch.nn.Parameter = model.logit_scale  # type: ignore[assignment]
+    if train.temperature is not None:
+        with torch.no_grad():
+            logit_scale.fill_(math.log(1.0 / train.temperature))
+    logit_scale.requires_grad_(train.learn_temperature)
+
+
+def clamp_logit_scale(model: torch.nn.Module) -> None:
+    """Clamp as CLIP does after every step: a logit scale of at most 100 (temperature >= 0.01)."""
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, math.log(100))  # type: ignore[operator]

@@ -1,0 +1,565 @@
+"""The search: Ray Tune + Optuna over TrainConfig fields, one Ray Train run per trial.
+
+Three roles, each a plain function (Ray's Train + Tune pattern): the per-worker training function
+(:mod:`flyp_ray.distributed.worker`), the per-trial driver :func:`run_trial` that builds a
+``TorchTrainer`` named after the trial id, and :func:`run_search`, which builds the ``Tuner``.
+
+Layout of one search under ``storage``::
+
+    search-<config stem>[-N]/      Tune's experiment folder (``--resume`` restores it)
+        summary.json               what ``flyp-ray tune`` prints last
+        trials/<trial id>/         each trial's Ray Train run and its checkpoints
+
+A fresh search never overwrites an earlier one of the same config: it takes the next free
+``-N``. ``--resume`` continues the newest one. MLflow gets one parent run per search and one
+child run per trial (named after the trial id, so a restarted trial finds and reuses it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import logging
+import math
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs
+import ray.train
+import ray.tune
+import ray.util
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
+from ray.tune.logger import JsonLoggerCallback
+from ray.tune.schedulers import ASHAScheduler, HyperBandScheduler, TrialScheduler
+from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+from flyp_ray.config import Config, objectives, planned_epochs, with_train
+from flyp_ray.distributed import trainer, worker
+from flyp_ray.errors import BadInput, ConfigError, FlypRayError
+from flyp_ray.finetune import wiseft
+from flyp_ray.search import plots, space
+from flyp_ray.tracking import runs
+
+log = logging.getLogger(__name__)
+
+SUMMARY = "summary.json"
+TRIALS = "trials"  # the folder of the trials' Ray Train runs inside a search's folder
+# The trial function only drives its Train run (whose workers hold the real resources), but a
+# Tune trial cannot ask for nothing: a sliver of a CPU keeps it schedulable next to the workers.
+DRIVER_CPUS = 0.01
+
+
+@dataclasses.dataclass(frozen=True)
+class Search:
+    """Where one search lives: its name (Tune's experiment name) and its folder."""
+
+    name: str
+    path: str  # storage_path/name: a local path or a URI
+
+    @property
+    def trials_storage(self) -> str:
+        return f"{self.path}/{TRIALS}"
+
+
+# --- names and folders ---------------------------------------------------------------------
+
+
+def base_name(cfg: Config) -> str:
+    """``search-<config stem>``: the name of the first search of a config file."""
+    stem = Path(cfg.source).stem if not cfg.source.startswith("<") else "config"
+    return "search-" + (re.sub(r"[^A-Za-z0-9_.-]+", "_", stem) or "config")
+
+
+def _existing(cfg: Config) -> list[tuple[int, str]]:
+    """(number, name) of the searches of this config under ``storage``, oldest first."""
+    fs, root = pyarrow.fs.FileSystem.from_uri(trainer.storage_path(cfg))
+    if fs.get_file_info(root).type != pyarrow.fs.FileType.Directory:
+        return []
+    base = base_name(cfg)
+    pattern = re.compile(rf"^{re.escape(base)}(?:-(\d+))?$")
+    found = []
+    for info in fs.get_file_info(pyarrow.fs.FileSelector(root)):
+        match = pattern.match(info.base_name)
+        if match and info.type == pyarrow.fs.FileType.Directory:
+            found.append((int(match.group(1) or 1), info.base_name))
+    return sorted(found)
+
+
+def locate(cfg: Config, resume: bool) -> Search:
+    """The search to run: the newest one of this config to resume, or a fresh, unused name."""
+    existing = _existing(cfg)
+    if resume:
+        if not existing:
+            raise BadInput(f"{cfg.source}: storage: no search named {base_name(cfg)}[-N] to "
+                           f"resume under {trainer.storage_path(cfg)!r}")
+        name = existing[-1][1]
+    else:
+        name = base_name(cfg) if not existing else f"{base_name(cfg)}-{existing[-1][0] + 1}"
+    return Search(name=name, path=search_path(cfg, name))
+
+
+def search_path(cfg: Config, name: str) -> str:
+    """The path of search ``name`` under the config's storage."""
+    return f"{trainer.storage_path(cfg).rstrip('/')}/{name}"
+
+
+def _write_text(path: str, text: str) -> None:
+    fs, inner = pyarrow.fs.FileSystem.from_uri(path)
+    fs.create_dir(inner.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(inner) as out:
+        out.write(text.encode())
+
+
+# --- the trial driver ----------------------------------------------------------------------
+
+
+def run_trial(config: dict[str, Any], *, base: Config, parent_run_id: str,
+              trials_storage: str) -> None:
+    """One Tune trial: train ``base`` with the sampled ``config`` as a Ray Train run.
+
+    The Train run and the MLflow child run are both named after the trial id, so a trial that
+    Tune restarts (``--resume``) continues its Train run from its last checkpoint and logs into
+    the same MLflow run.
+    """
+    trial_id = ray.tune.get_context().get_trial_id()
+    cfg = dataclasses.replace(with_train(base, **config), storage=trials_storage)
+    uri, experiment = cfg.tracking.uri, cfg.tracking.experiment
+    run_id = (runs.find_run(uri, experiment, {runs.PARENT_TAG: parent_run_id,
+                                                 runs.TRIAL_TAG: trial_id})
+              or runs.start_trial_run(cfg, parent_run_id, trial_id))
+    before = latest_checkpoint(f"{trials_storage}/{trial_id}")
+    fit = trainer.build_trainer(cfg, trial_id, mlflow_run_id=run_id,
+                                callbacks=[TuneReportCallback()])
+    try:
+        result = fit.fit()
+    except Exception:
+        runs.end_run(uri, run_id, "FAILED")
+        raise
+    if result.checkpoint is not None and result.checkpoint.path == before:
+        # The Train run had already finished when Tune (re)started this trial, so its workers
+        # reported nothing, and Tune would keep the result of its last snapshot (an earlier
+        # epoch, or none). Report the final epoch again, as TuneReportCallback would have.
+        ray.tune.report({**(result.metrics or {}), CHECKPOINT_PATH_KEY: result.checkpoint.path})
+    runs.end_run(uri, run_id)
+
+
+def latest_checkpoint(run_path: str) -> str | None:
+    """The path of the latest checkpoint of the Ray Train run at ``run_path``, if it has one."""
+    try:
+        result = ray.train.Result.from_path(run_path)
+    except RuntimeError:  # Ray's answer when there is no run (or no snapshot of it) yet
+        return None
+    return result.checkpoint.path if result.checkpoint is not None else None
+
+
+# --- the Tuner -----------------------------------------------------------------------------
+
+
+class FreeStoppedWorkers(ray.tune.Callback):
+    """Free the reserved CPUs/GPUs of a trial's Train workers once the trial has ended.
+
+    A scheduler stops a trial by killing its process, and with it the Ray Train controller,
+    whose worker placement group then stays reserved: later trials would wait for resources
+    that never come. Ray Train's own cleaner needs the state API, which is missing without a
+    dashboard or with several Ray instances on one machine, so the search does it itself.
+    """
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any,
+                          **info: Any) -> None:
+        free_workers(trial.last_result or {})
+
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        free_workers(trial.last_result or {})
+
+
+def free_workers(result: Mapping[str, Any]) -> None:
+    """Remove the placement group a trial's workers reported, if it is still held.
+
+    Never raises: an exception in a Tune callback aborts the whole search.
+    """
+    group_hex = result.get(worker.PLACEMENT_GROUP)
+    if not isinstance(group_hex, str):
+        return
+    try:
+        if ray.util.placement_group_table().get(group_hex, {}).get("state") == "CREATED":
+            group_id = ray.PlacementGroupID(bytes.fromhex(group_hex))
+            remove_placement_group(PlacementGroup(group_id))
+            log.info("freed the workers of an ended trial (placement group %s)", group_hex[:8])
+    except Exception as err:  # noqa: BLE001 - see the docstring
+        log.warning("could not free placement group %s: %s", group_hex[:8], err)
+
+
+def scheduler(cfg: Config) -> TrialScheduler | None:
+    """Early stopping on the first metric, with the epoch as time: ASHA, HyperBand or none.
+
+    None for methods with a single result (``zeroshot``, ``lp``): there is nothing to stop early.
+    """
+    sched = cfg.search.scheduler
+    metric, mode = trainer.selection(cfg)
+    epochs = planned_epochs(cfg.train)
+    if sched.type == "none" or cfg.train.method in ("zeroshot", "lp"):
+        return None
+    if sched.type == "asha":
+        if sched.grace_period > epochs:
+            raise ConfigError(cfg.source, "search.scheduler.grace_period",
+                              f"must be <= train.epochs ({epochs}), got {sched.grace_period}")
+        return ASHAScheduler(time_attr="epoch", metric=metric, mode=mode, max_t=epochs,
+                             grace_period=sched.grace_period,
+                             reduction_factor=sched.reduction_factor)
+    return HyperBandScheduler(time_attr="epoch", metric=metric, mode=mode, max_t=epochs,
+                              reduction_factor=sched.reduction_factor)
+
+
+def check(cfg: Config, resume: bool = False) -> None:
+    """Everything about the search that can be checked before Ray and MLflow start."""
+    space.searcher(cfg, study_name=base_name(cfg))
+    scheduler(cfg)
+    if resume:
+        locate(cfg, resume=True)
+
+
+def trainable(cfg: Config, search: Search, parent_run_id: str) -> Any:
+    """The trial function with its fixed arguments and the resources of the driver alone."""
+    with_args = ray.tune.with_parameters(run_trial, base=cfg, parent_run_id=parent_run_id,
+                                         trials_storage=search.trials_storage)
+    return ray.tune.with_resources(with_args, {"CPU": DRIVER_CPUS})
+
+
+def build_tuner(cfg: Config, search: Search, parent_run_id: str,
+                points: Sequence[space.Point] = ()) -> ray.tune.Tuner:
+    """A fresh Tuner for ``search``: OptunaSearch, the scheduler, and Tune's run settings."""
+    tune_config = ray.tune.TuneConfig(
+        num_samples=cfg.search.num_samples,
+        max_concurrent_trials=cfg.search.max_concurrent_trials,
+        search_alg=space.searcher(cfg, study_name=search.name, points=points),
+        scheduler=scheduler(cfg),
+    )
+    run_config = ray.tune.RunConfig(
+        name=search.name,
+        storage_path=trainer.storage_path(cfg),
+        # A failed trial is recorded and the search goes on. Tune does not retry it: Ray Train
+        # already restarts a trial's workers (resources.max_failures), and a trial that still
+        # fails (a diverged loss, a bad value) would fail the same way again.
+        failure_config=ray.tune.FailureConfig(max_failures=0, fail_fast=False),
+        # Every epoch's result in each trial folder (result.json), whatever the Tune defaults.
+        callbacks=[JsonLoggerCallback(), FreeStoppedWorkers()],
+    )
+    return ray.tune.Tuner(trainable(cfg, search, parent_run_id), tune_config=tune_config,
+                          run_config=run_config)
+
+
+def restore_tuner(cfg: Config, search: Search, parent_run_id: str) -> ray.tune.Tuner:
+    """The Tuner of an interrupted search; finished trials stay finished, the rest continue."""
+    if not ray.tune.Tuner.can_restore(search.path):
+        raise BadInput(f"{cfg.source}: {search.path} holds no Tune state to resume (it stopped "
+                       f"before its first snapshot); start a fresh search without --resume")
+    # Restoring unpickles the searcher state from the search folder: it must be trusted.
+    return ray.tune.Tuner.restore(search.path, trainable(cfg, search, parent_run_id),
+                                  resume_unfinished=True, resume_errored=True)
+
+
+# --- results -------------------------------------------------------------------------------
+
+
+def _is_metric(key: str, value: Any) -> bool:
+    named = key == "epoch" or ("/" in key and not key.startswith("config/"))
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return named and number and math.isfinite(float(value))
+
+
+def _better(a: float, b: float, mode: str) -> bool:
+    return a > b if mode == "max" else a < b
+
+
+def trial_records(cfg: Config, search: Search) -> list[dict[str, Any]]:
+    """One record per trial: id, sampled params, its best epoch's metrics, status, checkpoint."""
+    metric, mode = trainer.selection(cfg)
+    analysis = ray.tune.ExperimentAnalysis(search.path)
+    frames = analysis.trial_dataframes
+    records = []
+    for trial in analysis.trials:
+        frame = frames.get(trial.trial_id)
+        rows = frame.to_dict("records") if frame is not None and len(frame) else []
+        rows = rows or ([trial.last_result] if trial.last_result else [])
+        # Ray Train keeps only the best and the latest checkpoint; on a tie it may have kept
+        # another epoch than the first best row, so epochs whose checkpoint is gone lose.
+        best = _best_row(_kept(rows) or rows, metric, mode)
+        epochs = max((int(r.get("epoch", 0) or 0) for r in rows), default=0)
+        last: dict[str, Any] = max(rows, key=lambda r: int(r.get("epoch", 0) or 0), default={})
+        selected = wiseft.with_sweep(best or {}, last) if best else {}
+        records.append({
+            "trial_id": trial.trial_id,
+            "params": dict(trial.config),
+            "metrics": {k: float(v) for k, v in selected.items() if _is_metric(k, v)},
+            "status": _status(trial.status, epochs, planned_epochs(cfg.train)),
+            "epochs": epochs,
+            "checkpoint": (best or {}).get(CHECKPOINT_PATH_KEY),
+        })
+    return records
+
+
+def _kept(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows whose checkpoint folder still exists."""
+    kept = []
+    for row in rows:
+        path = row.get(CHECKPOINT_PATH_KEY)
+        if isinstance(path, str) and path:
+            fs, inner = pyarrow.fs.FileSystem.from_uri(path if "://" in path else
+                                                       Path(path).resolve().as_uri())
+            if fs.get_file_info(inner).type == pyarrow.fs.FileType.Directory:
+                kept.append(row)
+    return kept
+
+
+def _best_row(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:
+    best = None
+    for row in rows:
+        if not _is_metric(metric, row.get(metric)):
+            continue
+        if best is None or _better(float(row[metric]), float(best[metric]), mode):
+            best = row
+    return best
+
+
+def _status(tune_status: str, epochs: int, planned: int) -> str:
+    """completed | stopped (early, by the scheduler) | failed | Tune's status in lower case."""
+    if tune_status == "TERMINATED":
+        return "completed" if epochs >= planned else "stopped"
+    if tune_status == "ERROR":
+        return "failed"
+    return tune_status.lower()
+
+
+def best_record(cfg: Config, records: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The trial whose best epoch is best on the first metric (the one FLYP selects on)."""
+    metric, mode = trainer.selection(cfg)
+    best = None
+    for record in records:
+        value = record["metrics"].get(metric)
+        if value is not None and (best is None or _better(value, best["metrics"][metric], mode)):
+            best = record
+    return best
+
+
+def close_trial_runs(cfg: Config, parent_run_id: str, records: Sequence[dict[str, Any]]) -> None:
+    """Give each child run its final status and note how its trial ended.
+
+    A trial that the scheduler stopped had its driver killed mid-run: its run was left RUNNING,
+    or FAILED by the driver's own error handling while Tune was stopping it.
+    """
+    uri = cfg.tracking.uri
+    trial_runs = runs.trial_runs(uri, cfg.tracking.experiment, parent_run_id)
+    for record in records:
+        run = trial_runs.get(record["trial_id"])
+        if run is None:
+            continue
+        record["mlflow_run_id"] = run.info.run_id
+        runs.set_tags(uri, run.info.run_id, {"flyp_ray.status": record["status"],
+                                                 "flyp_ray.epochs_done": record["epochs"]})
+        if record["status"] in ("completed", "stopped", "failed"):
+            status = "FAILED" if record["status"] == "failed" else "FINISHED"
+            if run.info.status != status:
+                runs.end_run(uri, run.info.run_id, status)
+
+
+# --- the search ----------------------------------------------------------------------------
+
+
+def run_search(cfg: Config, *, resume: bool = False,
+               warm_points: Sequence[Mapping[str, Any]] = (),
+               parent_run_id: str | None = None, name: str | None = None) -> dict[str, Any]:
+    """Run (or resume) the search of ``cfg``; returns the summary, also written as summary.json.
+
+    ``warm_points`` (best configs of earlier searches) are tried first when
+    ``search.warm_start`` is on, together with the best configs of the finished searches in the
+    same MLflow experiment. ``parent_run_id`` nests the search's run under another (``compare``)
+    and ``name``, unique to the caller, replaces the config's next free search name.
+    """
+    search = locate(cfg, resume) if name is None else Search(name, search_path(cfg, name))
+    uri = cfg.tracking.uri
+    if resume:
+        tags = {runs.KIND_TAG: "search", runs.SEARCH_PATH_TAG: search.path}
+        parent = runs.find_run(uri, cfg.tracking.experiment, tags)
+        if parent is None:
+            raise BadInput(f"{cfg.source}: tracking: no MLflow parent run of {search.path} in "
+                           f"experiment {cfg.tracking.experiment!r} to resume")
+        runs.reopen_run(uri, parent)
+        log.info("resuming search %s (MLflow run %s)", search.path, parent)
+        tuner = restore_tuner(cfg, search, parent)
+    else:
+        check(cfg)  # a bad space or scheduler fails before the MLflow run exists
+        points = starting_points(cfg, warm_points)
+        parent = runs.start_search_run(cfg, search.name, search.path, parent_run_id)
+        log.info("search %s under %s (MLflow run %s), %d warm-start point(s)", search.name,
+                 search.path, parent, len(points))
+        tuner = build_tuner(cfg, search, parent, points)
+    try:
+        tuner.fit()
+    except BaseException:
+        runs.end_run(uri, parent, "KILLED")
+        raise
+    return finish(cfg, search, parent)
+
+
+def finish(cfg: Config, search: Search, parent_run_id: str) -> dict[str, Any]:
+    """Collect the trials, tag the runs, log plots and the best model; write summary.json."""
+    records = trial_records(cfg, search)
+    close_trial_runs(cfg, parent_run_id, records)
+    best = best_record(cfg, records)
+    best_config = _best_config(cfg, best)
+    summary: dict[str, Any] = {
+        "search_name": search.name,
+        "search_path": search.path,
+        "best_trial_id": best["trial_id"] if best else None,
+        "best_config": best_config,
+        "best_metrics": best["metrics"] if best else {},
+        "best_checkpoint": best["checkpoint"] if best else None,
+        "num_trials": len(records),
+        "num_completed": sum(r["status"] in ("completed", "stopped") for r in records),
+        "num_failed": sum(r["status"] == "failed" for r in records),
+        "mlflow_parent_run_id": parent_run_id,
+        "registered_model": None,
+    }
+    metrics, _ = objectives(cfg.search)
+    if len(metrics) > 1:
+        summary["pareto_front"] = pareto_front(cfg, records)
+    _log_plots(cfg, parent_run_id, records)
+    if best is not None and best["checkpoint"]:
+        summary["registered_model"] = _register(cfg, best, parent_run_id)
+    _close_parent(cfg, parent_run_id, summary)
+    _write_text(f"{search.path}/{SUMMARY}", json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    return summary
+
+
+def pareto_front(cfg: Config, records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The completed trials no other completed trial beats on every objective (Optuna's
+    ``best_trials``), with their params and objective values; best on the first metric first."""
+    metrics, modes = objectives(cfg.search)
+    front = plots.highlighted(plots.study_from_records(cfg, records))
+    chosen = [r for r in records if r["trial_id"] in front]
+    chosen.sort(key=lambda r: r["metrics"][metrics[0]], reverse=modes[0] == "max")
+    return [{"trial_id": r["trial_id"], "params": r["params"],
+             "metrics": {m: r["metrics"][m] for m in metrics}} for r in chosen]
+
+
+def _best_config(cfg: Config, best: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The best trial's whole TrainConfig (the sampled values over the fixed ones)."""
+    if best is None:
+        return None
+    return dataclasses.asdict(with_train(cfg, **best["params"]).train)
+
+
+def _close_parent(cfg: Config, parent_run_id: str, summary: Mapping[str, Any]) -> None:
+    uri = cfg.tracking.uri
+    metric, mode = trainer.selection(cfg)
+    tags: dict[str, Any] = {"flyp_ray.metric": metric, "flyp_ray.mode": mode,
+                            "flyp_ray.num_trials": summary["num_trials"],
+                            "flyp_ray.num_completed": summary["num_completed"],
+                            "flyp_ray.num_failed": summary["num_failed"]}
+    if summary["best_trial_id"] is not None:
+        tags.update({"flyp_ray.best_trial_id": summary["best_trial_id"],
+                     "flyp_ray.best_config": json.dumps(summary["best_config"], sort_keys=True),
+                     "flyp_ray.best_checkpoint": summary["best_checkpoint"]})
+        epoch = int(summary["best_metrics"].get("epoch", 0))
+        runs.log_metrics(uri, parent_run_id, summary["best_metrics"], step=epoch)
+    runs.set_tags(uri, parent_run_id, tags)
+    runs.end_run(uri, parent_run_id, "FINISHED" if summary["best_trial_id"] else "FAILED")
+
+
+def _log_plots(cfg: Config, parent_run_id: str, records: list[dict[str, Any]]) -> None:
+    """Search plots on the parent run."""
+    try:
+        plots.log_search_plots(cfg, parent_run_id, records)
+    except Exception as err:  # noqa: BLE001 - a plot must not cost the search its summary
+        log.error("search plots failed (%s: %s); the summary is written without them",
+                  type(err).__name__, err)
+
+
+def _register(cfg: Config, best: Mapping[str, Any], parent_run_id: str) -> dict[str, str] | None:
+    """Log and register the best trial's model, where the registry module is installed."""
+    if importlib.util.find_spec("flyp_ray.tracking.registry") is None:
+        return None
+    from flyp_ray.tracking import registry
+
+    best_cfg = with_train(cfg, **best["params"])
+    try:
+        registered = registry.log_and_register(best_cfg, parent_run_id, best["checkpoint"],
+                                               best["metrics"])
+    except Exception as err:  # noqa: BLE001 - the search is done: keep its summary regardless
+        log.error("registering the best model failed (%s: %s)", type(err).__name__, err)
+        return None
+    if registered is None:
+        return None
+    name, version = registered
+    return {"name": name, "version": version}
+
+
+# --- warm start and tune-all ---------------------------------------------------------------
+
+
+def starting_points(cfg: Config, earlier: Sequence[Mapping[str, Any]] = ()) -> list[dict[str, Any]]:
+    """The first points of a search with ``search.warm_start``: earlier bests, best first.
+
+    ``earlier`` (this invocation's searches, newest first) come before the best configs of the
+    finished searches in the MLflow experiment, which are ranked by the search metric. At most
+    half the trials (and at least one) start from a known point; the rest explore.
+    """
+    if not cfg.search.warm_start:
+        return []
+    distributions = space.distributions(cfg)
+    candidates = list(earlier) + _mlflow_bests(cfg)
+    points = space.fitting_points(distributions, candidates, dataclasses.asdict(cfg.train))
+    return points[: max(1, cfg.search.num_samples // 2)]
+
+
+def _mlflow_bests(cfg: Config) -> list[dict[str, Any]]:
+    """The best configs of the finished searches on the same metric, best first."""
+    metric, mode = trainer.selection(cfg)
+    scored = []
+    for run in runs.search_runs(cfg.tracking.uri, cfg.tracking.experiment):
+        tags = run.data.tags
+        value = run.data.metrics.get(metric)
+        if tags.get("flyp_ray.metric") != metric or value is None:
+            continue
+        if "flyp_ray.best_config" in tags:
+            scored.append((value, json.loads(tags["flyp_ray.best_config"])))
+    scored.sort(key=lambda vc: vc[0], reverse=mode == "max")
+    return [config for _, config in scored]
+
+
+def run_all(configs: Sequence[Config]) -> list[dict[str, Any]]:
+    """One search per config, in order; each warm-starts from the bests before it (if asked)."""
+    summaries: list[dict[str, Any]] = []
+    for cfg in configs:
+        earlier = [s["best_config"] for s in reversed(summaries) if s.get("best_config")]
+        try:
+            summary = run_search(cfg, warm_points=earlier)
+        except FlypRayError as err:
+            # One data set's failure must not cost the others their searches.
+            log.error("%s: search failed: %s", cfg.source, err)
+            summary = {"error": str(err)}
+        summaries.append({"config": cfg.source, "dataset": cfg.dataset.name, **summary})
+    return summaries
+
+
+def print_table(cfgs: Sequence[Config], summaries: Sequence[Mapping[str, Any]]) -> None:
+    """The best result of each data set, one row per config, on stderr."""
+    header = ("config", "dataset", "metric", "best", "trial", "done/failed", "model")
+    rows = [header]
+    for cfg, s in zip(cfgs, summaries, strict=True):
+        metric, _ = trainer.selection(cfg)
+        value = s.get("best_metrics", {}).get(metric)
+        model = s.get("registered_model") or {}
+        rows.append((Path(cfg.source).name, cfg.dataset.name, metric,
+                     "-" if value is None else f"{value:.4f}",
+                     s.get("best_trial_id") or s.get("error", "-")[:40],
+                     f"{s.get('num_completed', 0)}/{s.get('num_failed', 0)}",
+                     f"{model['name']} v{model['version']}" if model else "-"))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
+    for row in rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip(),
+              file=sys.stderr)

@@ -1,0 +1,343 @@
+"""The finetuned CLIP as an image classifier: logged as an MLflow model, registered, loaded back.
+
+The classifier is CLIP's image tower plus the zero-shot head of its finetuned text tower (the
+normalised, template-averaged class embeddings that evaluation uses): images in, class
+probabilities out, ``softmax(logit_scale * normalize(image_features) @ head)``.
+
+It is logged with MLflow's pytorch flavor in the ``pt2`` format (``torch.export``): a traced
+graph and raw tensors, no pickle. MLflow checks that the archive is pickle-free before it loads
+one, so loading a model from a registry runs no code that came with the model. The same model
+loads with ``mlflow.pytorch.load_model`` (a module: images -> probabilities) and with
+``mlflow.pyfunc.load_model`` (``predict(ndarray) -> ndarray``).
+
+- Input: float32 ``[N, 3, H, W]``, images as open_clip's eval transform leaves them: resized,
+  centre-cropped, scaled to [0, 1] and normalised with ``metadata["preprocess"]`` (size, mean,
+  std). Raw images and file paths are not accepted: a traced graph cannot decode images, and a
+  Python wrapper that could would have to be pickled. :func:`load_classifier` returns the
+  transform with the model.
+- Output: float32 ``[N, C]`` probabilities; column ``i`` is ``metadata["classnames"][i]``.
+- On a machine with CUDA, MLflow's pyfunc loader moves the model to the GPU and refuses a ``pt2``
+  model exported on the CPU: load it with ``model_config={"device": "cpu"}`` there.
+
+The model folder also holds ``extra_files/open_clip_config.json`` (open_clip's ``local-dir:``
+layout), from which :func:`load_classifier` rebuilds the image tower as a plain module, so that
+``flyp-ray eval`` gets image features and the head, as training's evaluation does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import open_clip
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.models import Model, ModelSignature
+from mlflow.models.model import ModelInfo
+from mlflow.protos.databricks_pb2 import (
+    INVALID_PARAMETER_VALUE,
+    RESOURCE_DOES_NOT_EXIST,
+    ErrorCode,
+)
+from mlflow.types import Schema, TensorSpec
+from packaging.version import Version
+
+from flyp_ray.config import CLASSIFIER_METHODS, Config
+from flyp_ray.data import prompts
+from flyp_ray.data.load import load_data
+from flyp_ray.errors import BadInput, FlypRayError
+from flyp_ray.finetune import checkpoint
+from flyp_ray.finetune.classifier import ImageClassifier
+from flyp_ray.finetune.evaluate import evaluate_splits, zero_shot_head
+from flyp_ray.finetune.model import load_model
+from flyp_ray.tracking import runs
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"  # the alias that follows the newest registered version
+OPEN_CLIP_CONFIG = "open_clip_config.json"  # open_clip's name for it in a local-dir: folder
+EXTRA_FILES = "extra_files"  # where MLflow's flavors put extra_files in a model folder
+MLMODEL = "MLmodel"
+URI_SCHEMES = ("models:/", "runs:/")
+INPUT_DOC = ("float32 [N, 3, H, W]: RGB images after open_clip's eval transform (resize, centre "
+             "crop, scale to [0, 1], normalise with preprocess.mean and preprocess.std)")
+OUTPUT_DOC = "float32 [N, C]: class probabilities; column i is classnames[i]"
+# torch.export makes a dimension of size 1 static: a batch of 2 keeps the batch size free.
+EXAMPLE_BATCH = 2
+_BAD_URI_CODES = {ErrorCode.Name(RESOURCE_DOES_NOT_EXIST), ErrorCode.Name(INVALID_PARAMETER_VALUE)}
+
+
+class ProbabilityClassifier(ImageClassifier):
+    """The classifier as it is logged: images in, class probabilities out."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Class probabilities, shape [N, classes]."""
+        return super().forward(images).softmax(dim=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Classifier:
+    """A classifier with what it takes to use it: class names, prompts and image transform."""
+
+    module: ProbabilityClassifier
+    classnames: list[str]
+    templates: list[str]
+    preprocess: Callable[[Any], torch.Tensor]  # PIL image -> the tensor the module takes
+    open_clip_config: dict[str, Any]  # {"model_cfg": ..., "preprocess_cfg": ...}
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(height, width) of the input."""
+        size = self.open_clip_config["preprocess_cfg"]["size"]
+        return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+# --- building ------------------------------------------------------------------------------
+
+
+def from_checkpoint(cfg: Config, checkpoint_dir: str | Path) -> Classifier:
+    """The classifier of a checkpoint folder (or state-dict file) of ``cfg``'s architecture.
+
+    A FLYP (or zero-shot) checkpoint holds a CLIP model, whose head is rebuilt from its text
+    tower; a ``ce``/``lp``/``lpft`` checkpoint holds the image tower and its trained head.
+    """
+    spec = dataclasses.replace(cfg.model, pretrained=None)  # the checkpoint brings the weights
+    loaded = load_model(spec, cfg.source)
+    clip: Any = loaded.model.eval()  # open_clip's CLIP: towers and logit_scale untyped
+    meta = checkpoint.load_meta(checkpoint_dir)
+    classnames, templates = checkpoint_prompts(cfg, meta)
+    if meta.get("method") in CLASSIFIER_METHODS:
+        embed_dim = open_clip.get_model_config(loaded.name)["embed_dim"]
+        empty = torch.zeros(embed_dim, len(classnames))
+        module = ProbabilityClassifier.from_clip(clip, empty)
+        checkpoint.load_weights(checkpoint_dir, module)
+    else:
+        checkpoint.load_weights(checkpoint_dir, clip)
+        head = zero_shot_head(clip, loaded.tokenizer, classnames, templates, torch.device("cpu"))
+        module = ProbabilityClassifier.from_clip(clip, head)
+    config = {"model_cfg": open_clip.get_model_config(loaded.name),
+              "preprocess_cfg": dict(open_clip.get_model_preprocess_cfg(clip))}
+    return Classifier(module.eval(), classnames, templates, loaded.preprocess_eval, config)
+
+
+def checkpoint_prompts(cfg: Config, meta: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """The class names and templates a checkpoint was trained with.
+
+    Training writes them into the checkpoint's meta.json; an older checkpoint gets the config's
+    (the built-in class list, without opening the data set: the driver may not see the data).
+    """
+    ds = cfg.dataset
+    classnames = meta.get("classnames") or prompts.classnames_for(ds.name, ds.classnames, None,
+                                                                  cfg.source)
+    templates = meta.get("templates") or prompts.templates_for(ds.templates, ds.name, cfg.source)
+    return list(classnames), list(templates)
+
+
+# --- logging and registering ---------------------------------------------------------------
+
+
+def log_model(cfg: Config, run_id: str, checkpoint_dir: str | Path,
+              artifact_path: str = "model") -> str | None:
+    """Log a checkpoint's classifier as an MLflow model of run ``run_id``.
+
+    Returns ``runs:/<run_id>/<artifact_path>``, or None if it could not be logged: the failure is
+    logged, never raised, so that tracking cannot kill the training or search that called it.
+    """
+    info = _log(cfg, run_id, checkpoint_dir, artifact_path)
+    return None if info is None else f"runs:/{run_id}/{artifact_path}"
+
+
+def log_and_register(cfg: Config, run_id: str, checkpoint_dir: str | Path,
+                     metrics: Mapping[str, float]) -> tuple[str, str] | None:
+    """Log the model, register it as ``tracking.registered_model`` and move ``champion`` to it.
+
+    The version is tagged with the data set and the selection metric (the first of
+    ``search.metric``) and its value. Returns (name, version), or None when nothing was
+    registered (no registered_model configured, or an MLflow failure, which is logged).
+    """
+    info = _log(cfg, run_id, checkpoint_dir, "model")
+    name = cfg.tracking.registered_model
+    if info is None or not name:
+        return None
+    try:
+        return _register(cfg, info.model_uri, name, metrics)
+    except Exception as err:  # noqa: BLE001 - a registry failure must not fail the search
+        log.error("could not register %s as %r: %s: %s", info.model_uri, name,
+                  type(err).__name__, str(err)[:300])
+        return None
+
+
+def _log(cfg: Config, run_id: str, checkpoint_dir: str | Path,
+         artifact_path: str) -> ModelInfo | None:
+    try:
+        classifier = from_checkpoint(cfg, checkpoint_dir)
+        return log_classifier(cfg, run_id, classifier, artifact_path)
+    except Exception as err:  # noqa: BLE001 - see log_model: logged, never raised
+        log.error("could not log the model of run %s from %s: %s: %s", run_id, checkpoint_dir,
+                  type(err).__name__, str(err)[:300], exc_info=log.isEnabledFor(logging.DEBUG))
+        return None
+
+
+def log_classifier(cfg: Config, run_id: str, classifier: Classifier,
+                   artifact_path: str = "model") -> ModelInfo:
+    """Log ``classifier`` as a pt2 MLflow model of run ``run_id`` (raises on failure)."""
+    mlflow_client = runs.client(cfg.tracking.uri)
+    experiment = mlflow_client.get_run(run_id).info.experiment_id
+    # Created here rather than by log_model, which would file it under the process's current
+    # experiment: runs:/<run>/model finds only models in the run's own experiment.
+    logged = mlflow_client.create_logged_model(experiment, name=artifact_path,
+                                               source_run_id=run_id)
+    height, width = classifier.image_size
+    example = np.zeros((EXAMPLE_BATCH, 3, height, width), dtype=np.float32)  # the mean image
+    with tempfile.TemporaryDirectory() as tmp:
+        config_file = Path(tmp) / OPEN_CLIP_CONFIG
+        config_file.write_text(json.dumps(classifier.open_clip_config, indent=1))
+        return mlflow.pytorch.log_model(
+            classifier.module.cpu().eval(), name=artifact_path, model_id=logged.model_id,
+            run_id=run_id, serialization_format="pt2", input_example=example,
+            signature=signature(classifier), metadata=_metadata(cfg, classifier),
+            extra_files=[str(config_file)], pip_requirements=_requirements())
+
+
+def signature(classifier: Classifier) -> ModelSignature:
+    """Tensor specs of the input and output; -1 is the free batch dimension.
+
+    Unnamed on purpose: pyfunc then hands the array to the model as it is (a named spec makes
+    it a dict, which the pytorch flavor refuses).
+    """
+    height, width = classifier.image_size
+    classes = len(classifier.classnames)
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, height, width))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, classes))]),
+    )
+
+
+def _metadata(cfg: Config, classifier: Classifier) -> dict[str, Any]:
+    preprocess = {k: list(v) if isinstance(v, tuple) else v
+                  for k, v in classifier.open_clip_config["preprocess_cfg"].items()}
+    return {"classnames": classifier.classnames, "templates": classifier.templates,
+            "dataset": cfg.dataset.name, "model.arch": cfg.model.arch,
+            "preprocess": preprocess, "input": INPUT_DOC, "output": OUTPUT_DOC}
+
+
+def _requirements() -> list[str]:
+    # A pt2 archive needs the torch release that wrote it (no local build tag such as +cpu).
+    return [f"torch=={Version(torch.__version__).base_version}", f"mlflow=={mlflow.__version__}",
+            "numpy"]
+
+
+def _register(cfg: Config, model_uri: str, name: str,
+              metrics: Mapping[str, float]) -> tuple[str, str]:
+    metric = cfg.search.metric[0] if isinstance(cfg.search.metric, list) else cfg.search.metric
+    tags = {"dataset": cfg.dataset.name, "metric": metric}
+    if metric in metrics:
+        tags["metric_value"] = str(float(metrics[metric]))
+    mlflow_client = runs.client(cfg.tracking.uri)
+    version = mlflow.register_model(model_uri, name, tags=tags)
+    # The newest registered model is the champion: searches of one data set replace each other.
+    mlflow_client.set_registered_model_alias(name, CHAMPION, str(version.version))
+    log.info("registered %s version %s (alias %s)", name, version.version, CHAMPION)
+    return name, str(version.version)
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+def load_classifier(uri: str, cfg: Config | None = None) -> Classifier:
+    """Load a classifier from ``models:/name/version``, ``models:/name@alias``,
+    ``runs:/id/model``, a local MLflow model folder, or a checkpoint folder or state-dict file.
+
+    A checkpoint needs ``cfg``: its model spec builds the architecture and its data set names the
+    classes. With ``cfg``, MLflow URIs resolve against ``cfg.tracking.uri``. A URI that names
+    nothing is a :class:`BadInput`.
+    """
+    if cfg is not None:
+        runs.client(cfg.tracking.uri)
+    path = Path(uri).expanduser()
+    if uri.startswith(URI_SCHEMES) or (path / MLMODEL).is_file():
+        return _from_mlflow(uri)
+    if path.exists():
+        if cfg is None:
+            raise BadInput(f"--model: {uri} is a checkpoint; its config is needed to build it")
+        return from_checkpoint(cfg, path)
+    raise BadInput(f"--model: {uri!r} is not models:/name/version, models:/name@alias, "
+                   f"runs:/id/model, or an existing model folder or checkpoint")
+
+
+def _from_mlflow(uri: str) -> Classifier:
+    with tempfile.TemporaryDirectory() as tmp:
+        local = _download(uri, tmp)
+        meta = Model.load(local).metadata or {}
+        config_dir = Path(local) / EXTRA_FILES
+        if "classnames" not in meta or not (config_dir / OPEN_CLIP_CONFIG).is_file():
+            raise BadInput(f"--model: {uri} is an MLflow model but not one flyp-ray logged "
+                           f"(no classnames or {EXTRA_FILES}/{OPEN_CLIP_CONFIG})")
+        try:
+            # MLflow refuses a pickled model, and a pt2 archive with pickle payloads, before
+            # torch reads it (unless MLFLOW_ALLOW_PICKLE_DESERIALIZATION says otherwise).
+            graph = mlflow.pytorch.load_model(local)
+        except MlflowException as err:
+            raise BadInput(f"--model: cannot load {uri}: {_first_line(err)}") from None
+        clip, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{config_dir}")
+        config = json.loads((config_dir / OPEN_CLIP_CONFIG).read_text())
+    state = graph.state_dict()
+    module = ProbabilityClassifier(clip.visual, torch.empty_like(state["head"]),
+                                   torch.empty_like(state["logit_scale"]))
+    module.load_state_dict(state)
+    return Classifier(module.eval(), list(meta["classnames"]), list(meta.get("templates", [])),
+                      preprocess, config)
+
+
+def _download(uri: str, dst: str) -> str:
+    """The model folder of ``uri`` on this machine; an unknown model or run is a BadInput."""
+    if Path(uri).expanduser().is_dir():
+        return str(Path(uri).expanduser())
+    try:
+        return mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst)
+    except MlflowException as err:
+        if err.error_code in _BAD_URI_CODES:
+            where = runs.redact(mlflow.get_tracking_uri())
+            raise BadInput(f"--model: cannot find {uri!r} in {where}: {_first_line(err)}") from None
+        raise FlypRayError(f"cannot download {uri!r}: {_first_line(err)}") from None
+
+
+def _first_line(err: MlflowException) -> str:
+    lines = str(err.message).strip().splitlines()
+    return lines[0][:300] if lines else str(err.error_code)
+
+
+# --- evaluating ----------------------------------------------------------------------------
+
+
+def evaluate_model(cfg: Config, uri: str) -> dict[str, float]:
+    """Metrics of the model at ``uri`` on every evaluation split of ``cfg``'s data set.
+
+    The same names and code as training's evaluation (``{split}/acc``, ``macro_f1``,
+    ``worst_group_acc``, ``loss``); images go through the model's own eval transform.
+    """
+    classifier = load_classifier(uri, cfg)
+    data = load_data(cfg.dataset, classifier.preprocess, classifier.preprocess, cfg.source)
+    _check_classes(classifier, data.classnames, uri, cfg.source)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    module = classifier.module.to(device)
+    splits = [split for name, split in data.splits.items() if name != "train"]
+    return evaluate_splits(module, module.head, splits, batch_size=cfg.train.eval_batch_size,
+                           device=device, precision=cfg.train.precision,
+                           num_workers=cfg.dataset.loader_workers)
+
+
+def _check_classes(classifier: Classifier, classnames: list[str], uri: str, source: str) -> None:
+    if len(classifier.classnames) != len(classnames):
+        raise BadInput(f"--model: {uri} has {len(classifier.classnames)} classes but the data set "
+                       f"of {source} has {len(classnames)}")
+    if classifier.classnames != classnames:
+        log.warning("%s names its classes differently from %s's data set (label order is "
+                    "assumed to match)", uri, source)

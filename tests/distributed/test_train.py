@@ -1,0 +1,153 @@
+"""``flyp-ray train`` end to end on real local Ray, real MLflow (sqlite), the real WILDS loader."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pytest
+import torch
+
+from flyp_ray import cli
+from tests.support.configs import tiny_config, write_config
+from tests.support.wilds_folder import write_iwildcam
+
+pytestmark = pytest.mark.slow
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, dict[str, Any]]:
+    """Run the CLI in this process (sharing the session's Ray) and parse its last JSON line."""
+    code = cli.main(list(argv))
+    lines = capsys.readouterr().out.strip().splitlines()
+    return code, (json.loads(lines[-1]) if code == 0 else {})
+
+
+def history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def test_train_on_wilds_iwildcam_with_two_workers(ray_session: None, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    write_iwildcam(tmp_path / "wilds", n_per_split=8, num_classes=4)
+    raw = tiny_config(tmp_path,
+                      dataset={"name": "iwildcam", "root": str(tmp_path / "wilds"),
+                               "subsample": None},
+                      train={"epochs": 2, "batch_size": 8},
+                      resources={"workers": 2, "cpus_per_worker": 0.5})
+    code, out = run_cli(capsys, "train", str(write_config(tmp_path / "iwildcam.yaml", raw)))
+
+    assert code == 0
+    for key in ("id_val/acc", "id_test/acc", "ood_val/acc", "ood_test/acc", "ood_test/macro_f1",
+                "ood_test/worst_group_acc", "ood_test/official/F1-macro_all"):
+        assert 0.0 <= out["metrics"][key] <= 1.0, key
+    assert out["best_epoch"] in (1, 2)
+    assert Path(out["checkpoint"], "model.pt").is_file()
+
+    uri = raw["tracking"]["uri"]
+    run = mlflow.MlflowClient(tracking_uri=uri).get_run(out["mlflow_run_id"])
+    assert run.data.params["lr"] == "0.001" and run.data.params["workers"] == "2"
+    assert run.data.params["same_class"] == "negative"
+    assert [step for step, _ in history(uri, run.info.run_id, "ood_test/acc")] == [1, 2]
+    assert [step for step, _ in history(uri, run.info.run_id, "train/loss")] == [1, 2]
+    assert run.info.status == "FINISHED"
+
+
+def test_flyp_learns_the_synthetic_set(ray_session: None, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    raw = tiny_config(tmp_path, dataset={"subsample": 600},
+                      train={"epochs": 5, "batch_size": 32, "lr": 2.0e-3, "warmup_steps": 10,
+                             "eval_batch_size": 300},
+                      resources={"cpus_per_worker": 1})
+    code, out = run_cli(capsys, "train", str(write_config(tmp_path / "synthetic.yaml", raw)))
+
+    assert code == 0
+    accuracy = history(raw["tracking"]["uri"], out["mlflow_run_id"], "id_val/acc")
+    first, last = accuracy[0][1], accuracy[-1][1]
+    assert last >= first + 0.15, accuracy  # six classes: chance is 0.17
+
+
+def test_checkpoint_resumes_in_another_run(ray_session: None, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    raw = tiny_config(tmp_path, train={"epochs": 2, "batch_size": 16,
+                                       "wiseft_alphas": [0.0, 1.0]})
+    path = write_config(tmp_path / "c.yaml", raw)
+    code, first = run_cli(capsys, "train", str(path))
+    assert code == 0
+    latest = Path(first["checkpoint"]).parent / "epoch_0002"
+    steps_per_epoch = 64 // 16
+
+    # Relative, as a user types it: the workers run elsewhere and must get it absolute.
+    monkeypatch.chdir(latest.parent)
+    code, second = run_cli(capsys, "train", str(path), "--set", "epochs=3",
+                           "--resume-from", "epoch_0002")
+
+    assert code == 0
+    uri = raw["tracking"]["uri"]
+    assert [s for s, _ in history(uri, second["mlflow_run_id"], "train/loss")] == [3]
+    # WiSE-FT's finetuned end is the best epoch of both runs, not only of the resumed one.
+    accuracy = [a for run in (first, second)
+                for _, a in history(uri, run["mlflow_run_id"], "id_val/acc")]
+    assert second["metrics"]["wiseft/1.0/id_val/acc"] == max(accuracy)
+    final = Path(second["checkpoint"]).parent / "epoch_0003" / "training.pt"
+    state = torch.load(final, weights_only=True)
+    assert state["epoch"] == 3
+    adam_steps = {float(s["step"]) for s in state["optimizer"]["state"].values()}
+    assert adam_steps == {3.0 * steps_per_epoch}  # Adam's moments carried over, not restarted
+
+
+def test_diverged_run_stops_and_says_so(ray_session: None, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    raw = tiny_config(tmp_path, train={"epochs": 3, "lr": 1.0e6, "warmup_steps": 0})
+    code = cli.main(["train", str(write_config(tmp_path / "c.yaml", raw))])
+
+    assert code == 1
+    assert "diverged" in capsys.readouterr().err
+    client = mlflow.MlflowClient(tracking_uri=raw["tracking"]["uri"])
+    (run,) = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+    assert run.info.status == "FAILED"
+    assert run.data.tags["flyp_ray.status"] == "diverged"
+    assert history(raw["tracking"]["uri"], run.info.run_id, "id_val/acc") == [(1, 0.0)]
+
+
+def test_killed_worker_resumes_from_its_checkpoint(ray_session: None, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    import signal
+    import subprocess
+    import threading
+    import time
+
+    raw = tiny_config(tmp_path, dataset={"subsample": 128},
+                      train={"epochs": 4, "batch_size": 16},
+                      resources={"max_failures": 1})
+    path = write_config(tmp_path / "c.yaml", raw)
+    uri = raw["tracking"]["uri"]
+    codes: list[int] = []
+    thread = threading.Thread(target=lambda: codes.append(cli.main(["train", str(path)])))
+    thread.start()
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    deadline = time.monotonic() + 240
+    while True:  # wait for epoch 1 in MLflow, then kill the Train worker process for real
+        runs = (client.search_runs([e.experiment_id for e in client.search_experiments()])
+                if Path(uri.removeprefix("sqlite:///")).exists() else [])
+        if runs and history(uri, runs[0].info.run_id, "epoch"):
+            break
+        assert time.monotonic() < deadline and thread.is_alive(), "no epoch was logged"
+        time.sleep(0.5)
+    pids = subprocess.run(["pgrep", "-f", "ray::RayTrainWorker"], capture_output=True,
+                          text=True).stdout.split()
+    assert pids
+    for pid in pids:
+        os.kill(int(pid), signal.SIGKILL)
+    thread.join(timeout=300)
+
+    assert codes == [0]
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    steps = [s for s, _ in history(uri, out["mlflow_run_id"], "epoch")]
+    assert steps == [1, 2, 3, 4]  # every epoch once: no gap, no duplicate after the restart
+    assert out["best_epoch"] in (1, 2, 3, 4)

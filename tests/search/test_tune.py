@@ -1,0 +1,267 @@
+"""The search end to end: real Ray Tune + Optuna + Ray Train on a WILDS-format folder, MLflow.
+
+Each test runs small searches with the tiny model on 16 images; trials take one Train worker
+with half a CPU, so two fit next to each other on the shared 2-CPU test cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray.util
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+
+from flyp_ray import cli, config
+from flyp_ray.search import tune
+from flyp_ray.tracking import runs
+from tests.support.configs import tiny_config, write_config
+
+pytestmark = pytest.mark.slow
+
+LR_SPACE = {"lr": {"type": "float", "low": 1.0e-4, "high": 1.0e-2, "log": True}}
+
+
+def search_config(tmp: Path, wilds_root: Path, name: str = "iwildcam", *, epochs: int,
+                  cpus: float = 0.5, **search: Any) -> Path:
+    raw = tiny_config(tmp, dataset={"name": "iwildcam", "root": str(wilds_root), "subsample": 16},
+                      train={"epochs": epochs, "batch_size": 8, "warmup_steps": 1},
+                      resources={"cpus_per_worker": cpus},
+                      search={"space": LR_SPACE, **search})
+    return write_config(tmp / f"{name}.yaml", raw)
+
+
+def mlflow_client(tmp: Path) -> MlflowClient:
+    return MlflowClient(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
+
+
+def runs_of(client: MlflowClient, kind: str, parent: str | None = None) -> list[Run]:
+    exp = client.get_experiment_by_name("test")
+    where = f"tags.`{runs.KIND_TAG}` = '{kind}'"
+    if parent is not None:
+        where += f" and tags.`{runs.PARENT_TAG}` = '{parent}'"
+    return list(client.search_runs([exp.experiment_id], where))
+
+
+def epochs_logged(client: MlflowClient, run_id: str) -> list[int]:
+    """The steps of the ``epoch`` metric: one per epoch the trial trained and reported."""
+    return sorted(m.step for m in client.get_metric_history(run_id, "epoch"))
+
+
+def test_search_with_asha_tracks_parent_and_trials(ray_session: None, mlflow_server: str,
+                                                   tmp_path: Path, wilds_root: Path) -> None:
+    # Selecting on train/lr makes ASHA's decisions known in advance: after epoch 1 each trial's
+    # train/lr is its sampled peak lr. With seed 1 the third sample is the smallest of the four,
+    # and trial 3 only starts once an earlier trial has finished (2 at a time), so ASHA has a
+    # higher value recorded at its rung and must stop trial 3 after one epoch.
+    # Half a CPU per worker, 2 trials at a time: the later trials fit only if the workers of
+    # the trials ASHA stopped were freed (tune.FreeStoppedWorkers).
+    # Two objectives: ASHA and the best trial follow the first; summary.json adds the Pareto
+    # front of both over the completed trials.
+    path = search_config(tmp_path, wilds_root, epochs=3, cpus=0.5,
+                         metric=["train/lr", "id_val/acc"], mode=["max", "max"],
+                         num_samples=4, max_concurrent_trials=2, seed=1,
+                         scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 3})
+    # A real tracking server on 127.0.0.1, and a registered model at the end.
+    cfg = config.load(path, [f"tracking.uri={mlflow_server}", "tracking.experiment=test",
+                             "tracking.registered_model=flyp-test"])
+    summary = tune.run_search(cfg)
+    held = [g for g in ray.util.placement_group_table().values() if g["state"] == "CREATED"]
+    assert held == []
+
+    search_dir = tmp_path / "results" / "search-iwildcam"
+    assert json.loads((search_dir / "summary.json").read_text()) == summary
+    assert summary["num_trials"] == 4 and summary["num_completed"] == 4
+    assert summary["num_failed"] == 0
+
+    client = MlflowClient(tracking_uri=mlflow_server)
+    (parent,) = runs_of(client, "search")
+    assert parent.info.run_id == summary["mlflow_parent_run_id"]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["search.scheduler.type"] == "asha"
+    assert json.loads(parent.data.params["search.space.lr"])["log"] is True
+    children = runs_of(client, "trial", parent.info.run_id)
+    assert len(children) == 4
+    ids = [c.data.tags[runs.TRIAL_TAG] for c in children]
+    assert len(set(ids)) == 4
+    peak: dict[str, float] = {}
+    epochs: dict[str, int] = {}
+    for child in children:
+        trial_id = child.data.tags[runs.TRIAL_TAG]
+        assert child.info.run_name == trial_id
+        assert child.info.status == "FINISHED"
+        assert float(child.data.params["lr"]) > 0 and child.data.params["epochs"] == "3"
+        steps = epochs_logged(client, child.info.run_id)
+        assert steps == list(range(1, len(steps) + 1))  # step = epoch, each epoch once
+        # Tune's count: a stopped trial may log an epoch or two more to MLflow while Tune is
+        # still shutting it down.
+        epochs[trial_id] = int(child.data.tags["flyp_ray.epochs_done"])
+        assert 1 <= epochs[trial_id] <= len(steps) <= 3
+        peak[trial_id] = max(m.value for m in client.get_metric_history(child.info.run_id,
+                                                                        "train/lr"))
+        stopped = child.data.tags["flyp_ray.status"] == "stopped"
+        assert stopped == (epochs[trial_id] < 3)
+    assert min(epochs.values()) < 3, f"ASHA stopped no trial: {epochs}"
+    assert max(epochs.values()) == 3
+
+    best_id = max(peak, key=lambda t: peak[t])
+    assert summary["best_trial_id"] == best_id
+    assert summary["best_metrics"]["train/lr"] == pytest.approx(peak[best_id])
+    assert summary["best_config"]["lr"] == pytest.approx(
+        float(next(c for c in children if c.info.run_name == best_id).data.params["lr"]))
+    assert parent.data.tags["flyp_ray.best_trial_id"] == best_id
+    assert parent.data.metrics["train/lr"] == pytest.approx(peak[best_id])
+    assert_pareto_front(cfg, summary)
+    checkpoint = Path(summary["best_checkpoint"])
+    assert checkpoint.parent == search_dir / "trials" / best_id and checkpoint.is_dir()
+    assert_registered_model_predicts(mlflow_server, summary)
+
+
+def assert_pareto_front(cfg: config.Config, summary: dict[str, Any]) -> None:
+    """The front is exactly the completed trials that no other completed trial dominates."""
+    records = tune.trial_records(cfg, tune.locate(cfg, resume=True))
+    points = {r["trial_id"]: (r["metrics"]["train/lr"], r["metrics"]["id_val/acc"])
+              for r in records if r["status"] == "completed"}
+
+    def dominated(p: tuple[float, float]) -> bool:
+        return any(q[0] >= p[0] and q[1] >= p[1] and q != p for q in points.values())
+
+    front = {f["trial_id"] for f in summary["pareto_front"]}
+    assert front and front == {t for t, p in points.items() if not dominated(p)}
+
+
+def assert_registered_model_predicts(uri: str, summary: dict[str, Any]) -> None:
+    """The registered version loads with pyfunc and gives class probabilities."""
+    import mlflow.pyfunc
+    import numpy as np
+
+    name, version = summary["registered_model"]["name"], summary["registered_model"]["version"]
+    assert name == "flyp-test"
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+    images = np.random.default_rng(0).normal(size=(3, 3, 32, 32)).astype(np.float32)
+    probabilities = np.asarray(model.predict(images))
+    assert probabilities.shape == (3, 4)  # the WILDS folder has 4 classes
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+    alias = MlflowClient(tracking_uri=uri).get_model_version_by_alias(name, "champion")
+    assert alias.version == version
+
+
+def experiment_statuses(search_dir: Path) -> dict[str, str]:
+    """Trial id -> status in Tune's newest experiment snapshot (what a restore starts from)."""
+    states = sorted(search_dir.glob("experiment_state-*.json"))
+    if not states:
+        return {}
+    try:
+        data = json.loads(states[-1].read_text())
+    except (OSError, json.JSONDecodeError):  # caught mid-write
+        return {}
+    trials = (json.loads(state) for state, _ in data["trial_data"])
+    return {t["trial_id"]: t["status"] for t in trials}
+
+
+def files_with_times(folder: Path) -> dict[str, float]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime for p in folder.rglob("*")}
+
+
+def test_killed_search_resumes_without_rerunning_finished_trials(
+        ray_session: None, tmp_path: Path, wilds_root: Path) -> None:
+    path = search_config(tmp_path, wilds_root, epochs=1, metric="id_val/loss", mode="min",
+                         num_samples=2, max_concurrent_trials=1, scheduler={"type": "none"})
+    search_dir = tmp_path / "results" / "search-iwildcam"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # Its own local Ray, in its own process group: SIGKILL to the group takes all of it down.
+    proc = subprocess.Popen([sys.executable, "-m", "flyp_ray", "tune", str(path)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "first.log", "w"),
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 400
+        while "TERMINATED" not in experiment_statuses(search_dir).values():
+            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no trial finished in time"
+            time.sleep(1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finished = [t for t, s in experiment_statuses(search_dir).items() if s == "TERMINATED"]
+    assert len(finished) == 1
+    (done,) = finished
+
+    client = mlflow_client(tmp_path)
+    (parent,) = runs_of(client, "search")
+    assert parent.info.status == "RUNNING"  # the driver died without closing it
+    before = {c.data.tags[runs.TRIAL_TAG]: c for c in runs_of(client, "trial",
+                                                                   parent.info.run_id)}
+    assert epochs_logged(client, before[done].info.run_id) == [1]
+    done_files = files_with_times(search_dir / "trials" / done)
+
+    summary = tune.run_search(config.load(path), resume=True)
+
+    assert summary["mlflow_parent_run_id"] == parent.info.run_id
+    assert summary["num_trials"] == 2 and summary["num_completed"] == 2
+    children = runs_of(client, "trial", parent.info.run_id)
+    ids = [c.data.tags[runs.TRIAL_TAG] for c in children]
+    assert sorted(ids) == sorted(set(ids)) and len(ids) == 2  # one run per trial, reused
+    for child in children:
+        assert epochs_logged(client, child.info.run_id) == [1]
+    assert files_with_times(search_dir / "trials" / done) == done_files  # not run again
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+    assert not (tmp_path / "results" / "search-iwildcam-2").exists()
+
+
+def test_tune_all_warm_starts_from_the_previous_best(ray_session: None, tmp_path: Path,
+                                                     wilds_root: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    common = {"metric": "id_val/loss", "mode": "min", "num_samples": 2,
+              "max_concurrent_trials": 2, "scheduler": {"type": "none"}, "warm_start": True}
+    first = search_config(tmp_path, wilds_root, "first", epochs=1, seed=3, **common)
+    second = search_config(tmp_path, wilds_root, "second", epochs=1, seed=4, **common)
+
+    assert cli.main(["tune-all", str(first), str(second)]) == 0
+
+    out, err = capsys.readouterr()
+    result = json.loads(out.strip().splitlines()[-1])
+    one, two = result["searches"]
+    assert one["config"] == str(first) and two["config"] == str(second)
+    assert "first.yaml" in err and "second.yaml" in err  # the table of best results
+    from ray.tune import ExperimentAnalysis
+
+    # In the order Tune created them (the tag starts with the trial's number), not finished.
+    second_trials = sorted(ExperimentAnalysis(two["search_path"]).trials,
+                           key=lambda t: int(t.experiment_tag.split("_")[0]))
+    assert second_trials[0].config == {"lr": one["best_config"]["lr"]}
+    assert second_trials[1].config != second_trials[0].config
+
+
+def test_resume_without_a_search_is_bad_input(tmp_path: Path, wilds_root: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    path = search_config(tmp_path, wilds_root, epochs=1)
+    assert cli.main(["tune", str(path), "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no search named search-iwildcam[-N] to resume" in err[0]
+
+
+def test_bad_scheduler_is_bad_input_before_ray(tmp_path: Path, wilds_root: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    path = search_config(tmp_path, wilds_root, epochs=1, scheduler={"grace_period": 3})
+    assert cli.main(["tune", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "search.scheduler.grace_period: must be <= train.epochs (1), got 3" in err
+    assert not (tmp_path / "results").exists()
+
+
+def test_fresh_search_takes_the_next_free_name(tmp_path: Path, wilds_root: Path) -> None:
+    cfg = config.load(search_config(tmp_path, wilds_root, epochs=1))
+    assert tune.locate(cfg, resume=False).name == "search-iwildcam"
+    (tmp_path / "results" / "search-iwildcam").mkdir(parents=True)
+    (tmp_path / "results" / "search-iwildcam-2").mkdir()
+    assert tune.locate(cfg, resume=False).name == "search-iwildcam-3"
+    assert tune.locate(cfg, resume=True).name == "search-iwildcam-2"

@@ -1,0 +1,160 @@
+"""The classifier as an MLflow model: pyfunc and pytorch loading, registry, ``flyp-ray eval``.
+
+Real MLflow (sqlite in a temporary folder), the tiny open_clip model and a checkpoint written
+with :func:`flyp_ray.finetune.checkpoint.save`, as training writes it. No Ray: nothing here trains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from flyp_ray import cli, config
+from flyp_ray.data import synthetic
+from flyp_ray.data.load import load_data
+from flyp_ray.finetune import checkpoint
+from flyp_ray.finetune.model import load_model
+from flyp_ray.finetune.optim import build_state
+from flyp_ray.tracking import registry, runs
+from tests.support.configs import tiny_config, write_config
+
+NAME = "flyp-test"
+SPLITS = ("id_val", "id_test", "ood_val", "ood_test")
+METRICS = ("acc", "macro_f1", "worst_group_acc", "loss")
+
+
+@dataclasses.dataclass(frozen=True)
+class Logged:
+    cfg: config.Config
+    config_path: Path
+    checkpoint: Path
+    runs: list[str]
+    versions: list[tuple[str, str] | None]
+
+
+def write_checkpoint(cfg: config.Config, folder: Path) -> Path:
+    """A checkpoint as the worker writes it, with weights no fresh model has."""
+    torch.manual_seed(1234)
+    loaded = load_model(cfg.model, cfg.source)
+    with torch.no_grad():
+        loaded.model.logit_scale.fill_(2.5)  # type: ignore[operator]
+    state = build_state(loaded.model, cfg.train, 10, torch.device("cpu"))
+    prompts = {"classnames": list(synthetic.CLASSNAMES), "templates": ["a photo of a {}."]}
+    return checkpoint.save(folder, loaded.model, state, 1, {"id_val/acc": 0.5}, prompts)
+
+
+@pytest.fixture(scope="module")
+def logged(tmp_path_factory: pytest.TempPathFactory) -> Logged:
+    """Two runs of one checkpoint, each logged and registered: versions 1 and 2."""
+    tmp = tmp_path_factory.mktemp("registry")
+    raw = tiny_config(tmp, dataset={"subsample": 32}, tracking={"registered_model": NAME})
+    path = write_config(tmp / "synthetic.yaml", raw)
+    cfg = config.load(path)
+    ckpt = write_checkpoint(cfg, tmp / "checkpoint")
+    run_ids = [runs.start_run(cfg, f"run-{i}", {runs.KIND_TAG: "train"}) for i in range(2)]
+    versions = [registry.log_and_register(cfg, run, ckpt, {"id_val/acc": 0.25 * (i + 1)})
+                for i, run in enumerate(run_ids)]
+    return Logged(cfg, path, ckpt, run_ids, versions)
+
+
+def image_batch(cfg: config.Config, classifier: registry.Classifier, n: int) -> torch.Tensor:
+    """``n`` preprocessed ID validation images, as the model's input."""
+    data = load_data(cfg.dataset, classifier.preprocess, classifier.preprocess, cfg.source)
+    split = data.splits["id_val"].dataset
+    return torch.stack([split[i][0] for i in range(n)])
+
+
+def test_logged_model_predicts_with_pyfunc_and_pytorch(logged: Logged) -> None:
+    assert "MLFLOW_ALLOW_PICKLE_DESERIALIZATION" not in os.environ  # MLflow's pickle check is on
+    uri = f"runs:/{logged.runs[0]}/model"
+    expected_model = registry.from_checkpoint(logged.cfg, logged.checkpoint)
+    images = image_batch(logged.cfg, expected_model, 5)  # not the batch size of the export
+    with torch.no_grad():
+        expected = expected_model.module(images).numpy()
+
+    pyfunc = mlflow.pyfunc.load_model(uri)
+    probs = pyfunc.predict(images.numpy())
+    assert probs.shape == (5, len(synthetic.CLASSNAMES))
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(probs, expected, atol=1e-5)
+    assert pyfunc.metadata.metadata["classnames"] == list(synthetic.CLASSNAMES)
+    assert pyfunc.metadata.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 3, 32, 32)
+
+    module = mlflow.pytorch.load_model(uri)
+    with torch.no_grad():
+        np.testing.assert_allclose(module(images).numpy(), expected, atol=1e-5)
+
+
+def test_logged_model_holds_no_pickle(logged: Logged) -> None:
+    local = Path(mlflow.artifacts.download_artifacts(f"runs:/{logged.runs[0]}/model"))
+    data = sorted(p.name for p in (local / "data").iterdir())
+    assert data == ["model.pt2"], data
+    assert (local / registry.EXTRA_FILES / registry.OPEN_CLIP_CONFIG).is_file()
+
+
+def test_classifier_matches_the_checkpoint_weights(logged: Logged) -> None:
+    loaded = registry.load_classifier(f"models:/{NAME}/1", logged.cfg)
+    fresh = registry.from_checkpoint(logged.cfg, logged.checkpoint)
+    for key, value in fresh.module.state_dict().items():
+        torch.testing.assert_close(loaded.module.state_dict()[key], value, msg=key)
+    assert float(loaded.module.logit_scale) == pytest.approx(2.5)
+    assert loaded.classnames == list(synthetic.CLASSNAMES)
+
+
+def test_register_twice_moves_champion(logged: Logged) -> None:
+    assert logged.versions == [(NAME, "1"), (NAME, "2")]
+    mlflow_client = MlflowClient(logged.cfg.tracking.uri)
+    champion = mlflow_client.get_model_version_by_alias(NAME, registry.CHAMPION)
+    assert str(champion.version) == "2"
+    assert champion.run_id == logged.runs[1]
+    assert champion.tags == {"dataset": "synthetic", "metric": "id_val/acc",
+                             "metric_value": "0.5"}
+    assert registry.CHAMPION not in mlflow_client.get_model_version(NAME, "1").aliases
+
+
+def test_log_model_failure_returns_none(logged: Logged, caplog: pytest.LogCaptureFixture) -> None:
+    assert registry.log_model(logged.cfg, "0" * 32, logged.checkpoint) is None
+    assert "could not log the model" in caplog.text
+
+
+def run_eval(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, Any, str]:
+    code = cli.main(["eval", *argv])
+    captured = capsys.readouterr()
+    lines = captured.out.strip().splitlines()
+    return code, json.loads(lines[-1]) if code == 0 else None, captured.err
+
+
+def test_eval_command_on_registry_run_and_checkpoint(
+        logged: Logged, capsys: pytest.CaptureFixture[str]) -> None:
+    results = {}
+    for uri in (f"models:/{NAME}@{registry.CHAMPION}", f"runs:/{logged.runs[0]}/model",
+                str(logged.checkpoint)):
+        code, out, err = run_eval(capsys, "--model", uri, str(logged.config_path))
+        assert code == 0, err
+        assert out["model"] == uri
+        assert set(out["metrics"]) == {f"{s}/{m}" for s in SPLITS for m in METRICS}
+        results[uri] = out["metrics"]
+    first, *others = results.values()
+    for other in others:
+        assert other == pytest.approx(first, abs=1e-5)
+
+
+@pytest.mark.parametrize("uri", ["models:/no-such-model/1", "models:/flyp-test@no-such-alias",
+                                 "runs:/0123456789abcdef0123456789abcdef/model",
+                                 "/nonexistent/model.pt"])
+def test_eval_bad_uri_exits_2(logged: Logged, capsys: pytest.CaptureFixture[str],
+                              uri: str) -> None:
+    code, _, err = run_eval(capsys, "--model", uri, str(logged.config_path))
+    assert code == 2, err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("flyp-ray: error: --model") and uri in last, last
