@@ -16,7 +16,7 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from flyp_ray.distributed.cluster import RAY_ENV  # noqa: E402
+from flyp_ray.distributed.cluster import runtime_env  # noqa: E402
 from flyp_ray.finetune.model import tiny_config_path  # noqa: E402
 from tests.support import REPO  # noqa: E402
 from tests.support.servers import free_port, start_mlflow_server, stop_server  # noqa: E402
@@ -31,7 +31,7 @@ def ray_session() -> Iterator[None]:
     # Ray workers import test modules by their package name (tests.<wing>.test_x): functions
     # defined in tests run there too, so the repository root goes on their path.
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=True,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO), **RAY_ENV}})
+             runtime_env=runtime_env({"PYTHONPATH": str(REPO)}))
     yield
     ray.shutdown()
 

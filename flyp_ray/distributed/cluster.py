@@ -31,7 +31,7 @@ def init_ray(cfg: Config | None = None) -> None:
         check_reachable(address)
         try:
             ray.init(address=address, log_to_driver=True, configure_logging=False,
-                     runtime_env={"env_vars": RAY_ENV})
+                     runtime_env=runtime_env())
             _STARTED_RAY.append(True)
         except (ConnectionError, TimeoutError) as err:
             raise BadInput(f"RAY_ADDRESS: cannot reach a Ray cluster at {address!r} "
@@ -85,3 +85,24 @@ def shutdown_if_started() -> None:
 
         ray.shutdown()
         _STARTED_RAY.clear()
+
+
+def runtime_env(env_vars: dict[str, str] | None = None) -> dict[str, object]:
+    """The runtime environment of a command's Ray job: its variables and :func:`own_cluster`."""
+    return {"env_vars": {**RAY_ENV, **(env_vars or {})},
+            "worker_process_setup_hook": f"{__name__}.{own_cluster.__name__}"}
+
+
+def own_cluster() -> None:
+    """Run in every Ray worker process of the job: point Ray's address lookups at this cluster.
+
+    Ray Train's ``PlacementGroupCleaner`` asks the state API whether its run's controller is
+    alive, and an actor the state API does not know counts as dead. Without an address, that
+    lookup goes to the newest Ray instance started on the machine (``ray start`` writes it to
+    /tmp/ray/ray_current_cluster), which need not be this one: a second instance started while
+    a run is in flight made every cleaner remove its live run's workers. With RAY_ADDRESS set
+    to the process's own cluster, the lookup cannot leave it.
+    """
+    import ray
+
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address

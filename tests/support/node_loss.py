@@ -31,7 +31,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noq
 
 from flyp_ray import config
 from flyp_ray.distributed import trainer
-from flyp_ray.distributed.cluster import RAY_ENV  # noqa: E402
+from flyp_ray.distributed.cluster import runtime_env  # noqa: E402
 from flyp_ray.search import tune
 from tests.support.configs import tiny_config, write_config  # noqa: E402
 
@@ -71,7 +71,7 @@ def main(folder: Path) -> None:
     worker_node = cluster.add_node(num_cpus=1)
     repo = str(Path(__file__).resolve().parents[2])
     ray.init(address=cluster.address, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": repo, **RAY_ENV}})
+             runtime_env=runtime_env({"PYTHONPATH": repo}))
     cluster.wait_for_nodes()
     head_id = ray.get_runtime_context().get_node_id()
     worker_id = worker_node.node_id

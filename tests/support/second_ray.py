@@ -1,0 +1,96 @@
+"""A second local Ray instance, started while a run of the session's Ray is in flight.
+
+It is the machine state that made Ray Train kill live runs: ``/tmp/ray/ray_current_cluster``
+names the newest Ray instance (``ray start`` writes it and leaves it behind when stopped), and
+a Ray process with no address of its own asks that instance's state API about its own actors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import requests
+
+from tests.support.servers import free_port
+
+BIN = Path(sys.executable).parent
+CURRENT_CLUSTER = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+
+
+@contextlib.contextmanager
+def another_ray_instance() -> Iterator[Callable[[], str]]:
+    """Yield ``start()``: it starts a second Ray head (dashboard on) and returns its state API.
+
+    From the moment this is entered, ``ray_current_cluster`` names that head's address, as a
+    ``ray start`` on that port earlier on leaves it; the file is put back as it was afterwards,
+    and the head is stopped by its PID.
+    """
+    import ray._private.services as services
+
+    gcs, dashboard, client, agent = (free_port() for _ in range(4))
+    saved = CURRENT_CLUSTER.read_text() if CURRENT_CLUSTER.exists() else None
+    CURRENT_CLUSTER.parent.mkdir(parents=True, exist_ok=True)
+    CURRENT_CLUSTER.write_text(f"{services.get_node_ip_address()}:{gcs}")
+    temp_dir = tempfile.mkdtemp(prefix="ray2", dir="/tmp")  # short: Ray puts sockets in it
+    heads: list[subprocess.Popen[bytes]] = []
+
+    def start() -> str:
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+        heads.append(subprocess.Popen(
+            [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=1",
+             "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+             f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
+             f"--dashboard-agent-listen-port={agent}", f"--temp-dir={temp_dir}",
+             "--disable-usage-stats"],
+            env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL))
+        return f"http://127.0.0.1:{dashboard}"
+
+    try:
+        yield start
+    finally:
+        for head in heads:
+            _stop(head)
+        if saved is None:
+            CURRENT_CLUSTER.unlink(missing_ok=True)
+        else:
+            CURRENT_CLUSTER.write_text(saved)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def state_api_answers(url: str) -> bool:
+    """Whether the head's state API lists actors (it does once the dashboard is up)."""
+    try:
+        return requests.get(f"{url}/api/v0/actors", timeout=2).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def _stop(head: subprocess.Popen[bytes]) -> None:
+    head.terminate()
+    try:
+        head.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(head.pid, signal.SIGKILL)
+    head.wait(timeout=10)
