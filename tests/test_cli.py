@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.support.configs import tiny_config, write_config
+from tests.support.configs import LR_SPACE, tiny_config, write_config
 from tests.support.servers import free_port
 
 
@@ -92,7 +92,6 @@ def test_validate_accepts_a_good_config(tmp_path: Path) -> None:
 
 # --- the same contract in-process: every level of the config, and the checks after it ------
 
-SPACE = {"lr": {"type": "float", "low": 1.0e-4, "high": 1.0e-2, "log": True}}
 
 # (name, command, config sections, text the one-line message must contain)
 IN_PROCESS: list[tuple[str, str, dict[str, Any], list[str]]] = [
@@ -129,7 +128,7 @@ def test_bad_input_in_process(tmp_path: Path, capsys: pytest.CaptureFixture[str]
                               sections: dict[str, Any], needles: list[str]) -> None:
     from flyp_ray import cli
 
-    raw = tiny_config(tmp_path, search={"space": SPACE})
+    raw = tiny_config(tmp_path, search={"space": LR_SPACE})
     for name, values in sections.items():
         raw[name] = {**raw.get(name, {}), **values}
     path = write_config(tmp_path / "bad.yaml", raw)

@@ -21,9 +21,7 @@ from flyp_ray import cli, config
 from flyp_ray.search import tune
 from flyp_ray.tracking import runs
 from tests.support import REPO
-from tests.support.configs import tiny_config, write_config
-
-LR_SPACE = {"lr": {"type": "float", "low": 1.0e-4, "high": 1.0e-2, "log": True}}
+from tests.support.configs import LR_SPACE, tiny_config, write_config
 
 
 def roll_back_last_result(search_dir: Path) -> str:
@@ -165,3 +163,39 @@ def test_corrupt_image_stops_training_with_its_name(
     line = last_line(capsys)
     assert line.startswith("flyp-ray: error: a training worker stopped: cannot read image "), line
     assert str(root / "images" / "train_0003.png") in line
+
+
+@pytest.mark.slow
+def test_a_run_survives_a_second_ray_instance_started_beside_it(ray_session: None,
+                                                                tmp_path: Path) -> None:
+    # Ray Train's PlacementGroupCleaner removes a run's workers once the state API does not
+    # know its controller; without an address of their own, the session's Ray processes asked
+    # the newest Ray instance on the machine, which is the second one here.
+    import threading
+    import time
+
+    from flyp_ray.distributed import trainer
+    from tests.support.second_ray import another_ray_instance, state_api_answers, wait_until
+
+    raw = tiny_config(tmp_path, dataset={"subsample": 192}, train={"epochs": 9})
+    cfg = config.load(write_config(tmp_path / "c.yaml", raw))
+    first_epoch = tmp_path / "results" / "second-ray" / "epoch_0001"
+    answered: list[float] = []  # when the second instance's state API answered
+    with another_ray_instance() as start_second:
+        def second_once_the_run_is_under_way() -> None:
+            if wait_until(first_epoch.exists, 120):
+                url = start_second()
+                if wait_until(lambda: state_api_answers(url), 90):
+                    answered.append(time.monotonic())
+
+        starter = threading.Thread(target=second_once_the_run_is_under_way, daemon=True)
+        starter.start()
+        outcome = trainer.train(cfg, name="second-ray")
+        ended = time.monotonic()
+        starter.join(timeout=120)
+    # The cleaners poll every second: the run must have gone on for a few polls after the
+    # second instance could answer, or this test proved nothing.
+    assert answered and ended - answered[0] > 3, (answered, ended)
+    assert outcome.best_epoch >= 1
+    history = MlflowClient(cfg.tracking.uri).get_metric_history(outcome.mlflow_run_id, "epoch")
+    assert sorted(int(m.step) for m in history) == list(range(1, 10))  # every epoch, once

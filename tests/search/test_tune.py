@@ -23,11 +23,10 @@ from mlflow.tracking import MlflowClient
 from flyp_ray import cli, config
 from flyp_ray.search import tune
 from flyp_ray.tracking import runs
-from tests.support.configs import tiny_config, write_config
+from tests.support.configs import LR_SPACE, tiny_config, write_config
 
 pytestmark = pytest.mark.slow
 
-LR_SPACE = {"lr": {"type": "float", "low": 1.0e-4, "high": 1.0e-2, "log": True}}
 
 
 def search_config(tmp: Path, wilds_root: Path, name: str = "iwildcam", *, epochs: int,
