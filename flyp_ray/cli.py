@@ -16,7 +16,7 @@ from typing import Any
 
 from flyp_ray import config as config_mod
 from flyp_ray.distributed import cluster
-from flyp_ray.errors import BadInput, FlypRayError, first_line, worker_failure
+from flyp_ray.errors import BadInput, FlypRayError, first_line, input_error, worker_failure
 
 log = logging.getLogger("flyp_ray")
 
@@ -102,25 +102,29 @@ def load_config(args: argparse.Namespace) -> config_mod.Config:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    """Check the config, the data root and the model spec; print what was found."""
-    from flyp_ray.data.load import check_data
-    from flyp_ray.finetune.model import check_model
+    """Everything train and tune would check before Ray starts; print what was found.
 
-    cfg = load_config(args)
-    print(f"{cfg.source}: config ok")
-    print(check_data(cfg.dataset, cfg.source))
-    print(check_model(cfg.model, cfg.source))
+    Warnings (allowed, but most likely not meant) go to stderr and leave the exit code 0.
+    """
+    from flyp_ray import preflight
+
+    checked = preflight.check(load_config(args))
+    for line in checked.lines:
+        print(line)
+    for warning in checked.warnings:
+        print(f"flyp-ray: warning: {warning}", file=sys.stderr)
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Run one training and print its JSON line last."""
     cfg = load_config(args)  # first: bad YAML is reported before the heavy imports below
+    from flyp_ray import preflight
     from flyp_ray.distributed import trainer
     from flyp_ray.finetune import checkpoint
 
     resume_from = checkpoint.resume_source(args.resume_from) if args.resume_from else None
-    _preflight(cfg)
+    preflight.report(preflight.check(cfg, search=False))
     cluster.init_ray(cfg)
     outcome = trainer.train(cfg, name=args.name, resume_from=resume_from)
     print_json(outcome.as_json())
@@ -147,10 +151,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     """Run or resume one search and print its summary last; 1 if no trial gave the metric."""
     cfg = load_config(args)
-    _preflight(cfg)
+    from flyp_ray import preflight
     from flyp_ray.search import tune
 
-    tune.check(cfg, resume=args.resume)
+    preflight.report(preflight.check(cfg, resume=args.resume))
     cluster.init_ray(cfg)
     summary = tune.run_search(cfg, resume=args.resume)
     print_json(summary)
@@ -159,12 +163,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def cmd_tune_all(args: argparse.Namespace) -> int:
     """One search per config (all checked first); a table on stderr, a JSON line last."""
+    from flyp_ray import preflight
     from flyp_ray.search import tune
 
     cfgs = [config_mod.load(path, args.overrides) for path in args.configs]
     for cfg in cfgs:
-        _preflight(cfg)
-        tune.check(cfg)
+        preflight.report(preflight.check(cfg))
     cluster.init_ray()
     for cfg in cfgs:
         cluster.check_fits(cfg, cluster.cluster_resources())
@@ -176,14 +180,12 @@ def cmd_tune_all(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Every method through the same loop; the table's paths and rows as the JSON line last."""
-    from flyp_ray.search import compare, tune
+    from flyp_ray import preflight
+    from flyp_ray.search import compare
 
     methods = compare.parse_methods(args.methods)
     cfg = load_config(args)
-    _preflight(cfg)
-    if args.tune:
-        for method in methods:
-            tune.check(compare.method_config(cfg, method))
+    preflight.report(preflight.check_methods(cfg, methods, search=args.tune))
     cluster.init_ray(cfg)
     summary = compare.run_compare(cfg, methods, tune=args.tune)
     print_json(summary)
@@ -193,25 +195,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate a model on every evaluation split; print its metrics as the JSON line last."""
     cfg = load_config(args)
-    from flyp_ray.tracking import registry, runs
+    from flyp_ray import preflight
+    from flyp_ray.tracking import registry
 
-    runs.check_uri(cfg.tracking.uri, cfg.source)
+    preflight.check_eval(cfg)
     metrics = registry.evaluate_model(cfg, args.model)
     print_json({"model": args.model, "metrics": metrics})
     return 0
-
-
-def _preflight(cfg: config_mod.Config) -> None:
-    """Everything that can be checked before Ray starts: data, model, tracking, storage."""
-    from flyp_ray.data.load import check_data
-    from flyp_ray.finetune import checkpoint
-    from flyp_ray.finetune.model import check_model
-    from flyp_ray.tracking import runs
-
-    check_data(cfg.dataset, cfg.source)
-    check_model(cfg.model, cfg.source)
-    runs.check_uri(cfg.tracking.uri, cfg.source)
-    checkpoint.check_storage(cfg.storage, cfg.source)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -235,6 +225,14 @@ def print_json(payload: dict[str, Any]) -> None:
     print(json.dumps(payload, sort_keys=True, default=str), flush=True)
 
 
+def _quiet_ray() -> None:
+    """Stop Ray's log stream before the last line: its late output would come after it."""
+    try:
+        cluster.shutdown_if_started()
+    except Exception as err:  # noqa: BLE001 - the error being reported matters more
+        log.debug("Ray did not shut down cleanly: %s", err)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``flyp-ray`` and ``python -m flyp_ray``."""
     args = parser().parse_args(argv)
@@ -248,19 +246,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run(args)
     except BadInput as err:
+        _quiet_ray()
         print(f"flyp-ray: error: {err}", file=sys.stderr)
         return err.exit_code
     except FlypRayError as err:
+        _quiet_ray()
         print(f"flyp-ray: failed: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         print("flyp-ray: interrupted", file=sys.stderr)
         return 130
     except Exception as err:
-        failure = worker_failure(err)
+        failure = input_error(err) or worker_failure(err)
         if failure is None:
             raise
         # Ray has already logged the worker's traceback; end with the one line that matters.
+        _quiet_ray()
         kind = "error" if isinstance(failure, BadInput) else "failed"
         print(f"flyp-ray: {kind}: a training worker stopped: {first_line(failure)}",
               file=sys.stderr)

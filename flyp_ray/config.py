@@ -9,6 +9,7 @@ the MLflow param names, so no mapping layer sits between them.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 import types
@@ -198,14 +199,38 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456
 
 
 def parse_yaml(text: str, source: str) -> Any:
-    """Parse YAML text with the number rules above; a syntax error names the file and line."""
+    """Parse YAML text with the number rules above; a syntax error names the file and line.
+
+    A key given twice in one mapping is refused with both lines: YAML keeps the last one
+    silently, and a config whose ``lr`` is set twice does not say which one a run used.
+    """
     try:
+        node = yaml.compose(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+        if node is not None:
+            _refuse_repeated_keys(node, source, "")
         return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark is not None else "?"
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise ConfigError(source, "", f"malformed YAML at {where}: {problem}") from None
+
+
+def _refuse_repeated_keys(node: yaml.Node, source: str, path: str) -> None:
+    """Walk the composed YAML and refuse a mapping that names a key twice."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key = str(key_node.value)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(source, _join(path, key),
+                                  f"given twice, at lines {seen[key]} and {line}: keep one")
+            seen[key] = line
+            _refuse_repeated_keys(value_node, source, _join(path, key))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _refuse_repeated_keys(item, source, f"{path}[{i}]")
 
 
 # --- strict construction -------------------------------------------------------------------
@@ -302,14 +327,22 @@ def build(cls: type[T], raw: Any, source: str, prefix: str = "") -> T:
     fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     for key in raw:
         if key not in fields or key == "source":
-            known = ", ".join(sorted(fields - {"source"}))
-            raise ConfigError(source, _join(prefix, str(key)), f"unknown key (known: {known})")
+            known = sorted(fields - {"source"})
+            raise ConfigError(source, _join(prefix, str(key)),
+                              f"unknown key{did_you_mean(str(key), known)} "
+                              f"(known: {', '.join(known)})")
     values = {k: _coerce(v, hints[k], source, _join(prefix, k)) for k, v in raw.items()}
     return cls(**values)
 
 
 def _join(prefix: str, key: str) -> str:
     return f"{prefix}.{key}" if prefix else key
+
+
+def did_you_mean(word: str, choices: Sequence[str]) -> str:
+    """`` (did you mean 'x'?)`` for the nearest of ``choices``, or nothing if none is near."""
+    near = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {near[0]!r}?)" if near else ""
 
 
 # --- range checks --------------------------------------------------------------------------
@@ -361,8 +394,9 @@ def _check_space(search: SearchConfig, source: str) -> None:
     for name, spec in search.space.items():
         key = f"search.space.{name}"
         if name not in train_fields:
-            known = ", ".join(sorted(train_fields))
-            raise ConfigError(source, key, f"not a train field (searchable: {known})")
+            known = sorted(train_fields)
+            raise ConfigError(source, key, f"not a train field{did_you_mean(name, known)} "
+                                           f"(searchable: {', '.join(known)})")
         if spec.type == "categorical":
             _check(bool(spec.choices), source, f"{key}.choices", spec.choices,
                    "needs a non-empty list")
@@ -393,13 +427,21 @@ def objectives(search: SearchConfig) -> tuple[list[str], list[str]]:
     return list(metrics), list(modes)
 
 
+# Metrics whose direction is never in doubt: a search that maximises a loss is a typo.
+_BETTER = {"loss": "min", "acc": "max", "macro_f1": "max", "worst_group_acc": "max"}
+
+
 def check_search(search: SearchConfig, source: str) -> None:
     """Range checks of the search section."""
     metrics, modes = objectives(search)
     _check(len(metrics) == len(modes), source, "search.mode", search.mode,
            f"needs one mode per metric ({len(metrics)})")
-    for m in metrics:
+    for m, mode in zip(metrics, modes, strict=False):
         _check("/" in m, source, "search.metric", m, "must be a metric name like id_val/acc")
+        better = _BETTER.get(m.rpartition("/")[2])
+        _check(better is None or mode == better, source, "search.mode", search.mode,
+               f"{mode} for {m}, where {'lower' if better == 'min' else 'higher'} is better: "
+               f"use {better}")
     _check(search.num_samples >= 1, source, "search.num_samples", search.num_samples,
            "must be >= 1")
     _check(search.max_concurrent_trials >= 1, source, "search.max_concurrent_trials",
@@ -474,8 +516,16 @@ def check(cfg: Config) -> Config:
            "must be >= 0")
     _check(r.max_failures >= -1, src, "resources.max_failures", r.max_failures,
            "must be >= 0 (or -1 for no limit)")
-    _check(r.workers <= cfg.train.batch_size, src, "train.batch_size", cfg.train.batch_size,
-           f"must be >= resources.workers ({r.workers})")
+    check_batch(cfg.train, r.workers, src)
+    _check(bool(cfg.storage.strip()), src, "storage", cfg.storage,
+           "must be a folder or a URI (s3://..., gs://..., file://...), not empty")
+    _check(bool(cfg.tracking.uri.strip()), src, "tracking.uri", cfg.tracking.uri,
+           "must be sqlite:///<file>, a database URI or http(s)://<server>, not empty")
+    _check(bool(cfg.tracking.experiment.strip()), src, "tracking.experiment",
+           cfg.tracking.experiment, "must name an MLflow experiment, not be empty")
+    name = cfg.tracking.registered_model
+    _check(name is None or bool(name.strip()), src, "tracking.registered_model", name,
+           "must name a registered model, or be null for none")
     _check(cfg.dataset.name == "synthetic" or cfg.dataset.root is not None, src, "dataset.root",
            None, f"is required for dataset {cfg.dataset.name}")
     if cfg.dataset.subsample is not None:
@@ -486,7 +536,29 @@ def check(cfg: Config) -> Config:
     _check_ood_sets(cfg)
     _check_eval_splits(cfg)
     check_search(cfg.search, src)
+    _check_batch_space(cfg)
     return cfg
+
+
+def check_batch(train: TrainConfig, workers: int, source: str) -> None:
+    """The global batch must split evenly over the workers.
+
+    Each worker takes ``batch_size // workers`` images a step: an uneven split would train on a
+    smaller batch than the config (and the logged params) say.
+    """
+    _check(train.batch_size % workers == 0, source, "train.batch_size", train.batch_size,
+           f"must split evenly over resources.workers ({workers}): use a multiple of {workers}")
+
+
+def _check_batch_space(cfg: Config) -> None:
+    """A searched batch size must only give values that split over the workers."""
+    spec, workers = cfg.search.space.get("batch_size"), cfg.resources.workers
+    if spec is None or spec.type != "int" or workers == 1:
+        return  # categorical choices and the two ends are checked one by one as values
+    step = spec.step or 1
+    _check(step % workers == 0, cfg.source, "search.space.batch_size.step", spec.step,
+           f"must be a multiple of resources.workers ({workers}) so that every sampled batch "
+           f"splits evenly")
 
 
 # --- loading and overrides -----------------------------------------------------------------
@@ -513,8 +585,27 @@ def load(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     return from_dict(raw, source)
 
 
+# What decides a run's result is never left to a default: a config names its data set and its
+# model, weights included (null is a choice too: random initialisation).
+REQUIRED = {
+    "dataset.name": "one of " + " | ".join(get_args(DatasetName)),
+    "model.arch": "an open_clip model name such as ViT-B-16, or a model-config JSON",
+    "model.pretrained": "an open_clip tag such as openai, a checkpoint file, hf-hub:org/name, "
+                        "or null for random weights",
+}
+
+
+def _require(raw: dict[str, Any], source: str) -> None:
+    for key, what in REQUIRED.items():
+        section, _, name = key.partition(".")
+        values = raw.get(section)
+        if values is None or (isinstance(values, dict) and name not in values):
+            raise ConfigError(source, key, f"is required ({what}), got nothing")
+
+
 def from_dict(raw: dict[str, Any], source: str = "<config>") -> Config:
     """Build and check a Config from an already-parsed mapping."""
+    _require(raw, source)
     cfg = build(Config, raw, source)
     return check(dataclasses.replace(cfg, source=source))
 
@@ -572,6 +663,7 @@ def with_train(cfg: Config, **values: Any) -> Config:
     coerced = {k: _coerce(v, hints[k], cfg.source, f"train.{k}") for k, v in values.items()}
     train = dataclasses.replace(cfg.train, **coerced)
     check_train(train, cfg.source)
+    check_batch(train, cfg.resources.workers, cfg.source)
     return dataclasses.replace(cfg, train=train)
 
 

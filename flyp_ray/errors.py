@@ -58,8 +58,39 @@ def worker_failure(err: BaseException) -> BaseException | None:
     return failures[min(failures)]
 
 
+def input_error(err: BaseException) -> BadInput | None:
+    """The user's own bad input that ``err`` stems from, where Ray wrapped one; else None.
+
+    Ray wraps what a trial or a training worker raised: a Tune trial's error is a
+    ``RayTaskError`` whose ``cause`` is Ray Train's ``WorkerGroupError``, whose
+    ``worker_failures`` hold each worker's own exception.
+    """
+    seen: set[int] = set()
+    pending: list[BaseException] = [err]
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, BadInput):
+            return current
+        inner = (getattr(current, "cause", None), current.__cause__, worker_failure(current))
+        pending.extend(e for e in inner if isinstance(e, BaseException))
+    return None
+
+
 def first_line(err: BaseException, limit: int = 300) -> str:
-    """What went wrong in one line: a training worker's own error where Ray wraps one."""
+    """What went wrong in one line: a training worker's own error where Ray wraps one.
+
+    An error raised in a DataLoader process arrives as ``Caught X in DataLoader worker process
+    N.`` followed by its traceback: its own message is the traceback's last line.
+    """
     cause = worker_failure(err) or err
-    lines = str(cause).strip().splitlines()
-    return lines[0][:limit] if lines else type(cause).__name__
+    lines = [line for line in str(cause).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(cause).__name__
+    if lines[0].startswith("Caught ") and len(lines) > 1:
+        last = lines[-1].strip()
+        kind = type(cause).__name__
+        return last.split(f"{kind}: ", 1)[-1][:limit]
+    return lines[0][:limit]

@@ -8,12 +8,19 @@ import pytest
 
 from flyp_ray import config
 from flyp_ray.errors import ConfigError
+from flyp_ray.finetune.model import tiny_config_path
 from tests.support.configs import tiny_config, write_config
 
 
 def load_text(tmp_path: Path, text: str, *overrides: str) -> config.Config:
+    """Load ``text`` as a config file, with the data set and model every config must name put
+    after it where it names none (after: line numbers in messages stay those of ``text``)."""
+    required = {"dataset": "dataset: {name: synthetic}\n",
+                "model": f"model: {{arch: {tiny_config_path()}, pretrained: null}}\n"}
+    head = "".join(v for k, v in required.items()
+                   if not text.startswith(k) and f"\n{k}:" not in text)
     path = tmp_path / "c.yaml"
-    path.write_text(text)
+    path.write_text(text + head)
     return config.load(path, overrides)
 
 

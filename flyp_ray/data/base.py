@@ -81,6 +81,25 @@ class ImageDataset(torch.utils.data.Dataset[tuple[Any, int, int]]):
 
 
 @dataclasses.dataclass(frozen=True)
+class SplitFacts:
+    """What a config check needs to know of one split, without reading an image."""
+
+    size: int  # items after subsampling
+    grouped: bool  # has groups: worst_group_acc is reported
+    official: bool  # has WILDS' official metrics: {split}/official/... are reported
+
+
+@dataclasses.dataclass(frozen=True)
+class DataFacts:
+    """A data set as ``check_data`` found it: the line it prints and what runs will see."""
+
+    line: str
+    splits: dict[str, SplitFacts]  # empty while the data set is still to be downloaded
+    classes: int
+    train_per_class: dict[int, int]  # training images of each class present (subsampled)
+
+
+@dataclasses.dataclass(frozen=True)
 class Source:
     """One split as its loader found it, before subsampling and transforms."""
 

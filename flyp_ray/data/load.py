@@ -25,7 +25,18 @@ import numpy as np
 
 from flyp_ray.config import SPLITS, DatasetConfig
 from flyp_ray.data import cache, csv, imagenet, prompts, synthetic, transfer, wilds
-from flyp_ray.data.base import Data, ImageDataset, Loaded, Source, Split, Transform, make_split
+from flyp_ray.data.base import (
+    Data,
+    DataFacts,
+    ImageDataset,
+    Loaded,
+    Source,
+    Split,
+    SplitFacts,
+    Transform,
+    make_split,
+    subsample_positions,
+)
 from flyp_ray.errors import ConfigError, DataError
 
 
@@ -78,11 +89,17 @@ def check_data(cfg: DatasetConfig, source: str) -> str:
     Also checks that the first image file of each split exists. Raises :class:`DataError`
     naming the expected path when something is missing.
     """
+    return inspect_data(cfg, source).line
+
+
+def inspect_data(cfg: DatasetConfig, source: str) -> DataFacts:
+    """What :func:`check_data` checks, with the splits, sizes and classes a run will see."""
     prompts.templates_for(cfg.templates, cfg.name, source)
     if cfg.name in wilds.SPECS and cfg.download:
         folder, missing = wilds.layout(cfg, source)
         if missing:
-            return f"{cfg.name} at {folder}: not there yet, to be downloaded (dataset.download)"
+            line = f"{cfg.name} at {folder}: not there yet, to be downloaded (dataset.download)"
+            return DataFacts(line, {}, 0, {})
     loaded = _load(cfg, source)
     for name, src in loaded.sources.items():
         if src.path is not None and len(src.labels) and not src.path(0).exists():
@@ -90,7 +107,19 @@ def check_data(cfg: DatasetConfig, source: str) -> str:
     sizes = ", ".join(f"{name} {len(src.labels)}" for name, src in loaded.sources.items())
     where = f"at {loaded.where}" if loaded.where else "(built in)"
     classes = len(loaded.classnames)
-    return f"{cfg.name} {where}: {len(loaded.sources)} splits ({sizes}), {classes} classes"
+    line = f"{cfg.name} {where}: {len(loaded.sources)} splits ({sizes}), {classes} classes"
+    splits = {name: SplitFacts(size=len(subsample_positions(len(src.labels), cfg.subsample)),
+                               grouped=src.groups is not None, official=src.official is not None)
+              for name, src in loaded.sources.items()}
+    return DataFacts(line, splits, classes, _per_class(loaded.sources.get("train"), cfg))
+
+
+def _per_class(train: Source | None, cfg: DatasetConfig) -> dict[int, int]:
+    if train is None:
+        return {}
+    labels = train.labels[subsample_positions(len(train.labels), cfg.subsample)]
+    values, counts = np.unique(labels, return_counts=True)
+    return {int(v): int(c) for v, c in zip(values, counts, strict=True)}
 
 
 def _load(cfg: DatasetConfig, source: str) -> Loaded:

@@ -21,7 +21,7 @@ import ray.util
 
 from flyp_ray.config import Config, objectives
 from flyp_ray.data import fewshot
-from flyp_ray.errors import TrialDiverged
+from flyp_ray.errors import ConfigError, TrialDiverged
 from flyp_ray.finetune import checkpoint, wiseft
 from flyp_ray.finetune.evaluate import unwrap
 from flyp_ray.finetune.loop import diverged_metrics, run_epochs
@@ -104,6 +104,7 @@ def report(run: Run, cfg: Config, run_id: str | None, epoch: int,
     # worker, and the epoch it stopped on must still reach MLflow.
     if run.rank == 0 and run_id is not None:
         runs.log_metrics(cfg.tracking.uri, run_id, metrics, step=epoch)
+    check_objectives(cfg, epoch, metrics)
     with tempfile.TemporaryDirectory() as tmp:
         saved = None
         if run.rank == 0:
@@ -113,6 +114,20 @@ def report(run: Run, cfg: Config, run_id: str | None, epoch: int,
         # Every worker calls report: it is a barrier, and metrics come from rank 0.
         ray.train.report({**metrics, **placement_group()}, checkpoint=saved,
                          checkpoint_dir_name=epoch_dir(epoch))
+
+
+def check_objectives(cfg: Config, epoch: int, metrics: dict[str, float]) -> None:
+    """Stop with the config's own error when a report lacks a search metric.
+
+    ``validate`` refuses such a metric before anything runs; should one still be missing, this
+    fails the trial with a line that names the key, where Tune would stop the whole search with
+    its own traceback.
+    """
+    for metric in objectives(cfg.search)[0]:
+        if metric not in metrics:
+            have = ", ".join(sorted(k for k in metrics if k.startswith(metric.split("/")[0])))
+            raise ConfigError(cfg.source, "search.metric", f"{metric!r} is not in epoch {epoch}'s "
+                                                           f"report (it has {have or 'none'})")
 
 
 def checkpoint_extra(run: Run) -> dict[str, Any]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import pickle
+import zipfile
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
@@ -17,7 +19,7 @@ from typing import Any
 import open_clip
 import torch
 
-from flyp_ray.config import ModelConfig, TrainConfig
+from flyp_ray.config import ModelConfig, TrainConfig, did_you_mean
 from flyp_ray.errors import ModelError, first_line
 
 log = logging.getLogger(__name__)
@@ -60,7 +62,8 @@ def resolve_arch(arch: str, source: str = "model.arch") -> str:
         open_clip.add_model_config(path)
         return path.stem
     if arch not in open_clip.list_models():
-        raise ModelError(f"{source}: unknown open_clip architecture {arch!r} "
+        near = did_you_mean(arch, open_clip.list_models())
+        raise ModelError(f"{source}: unknown open_clip architecture {arch!r}{near} "
                          f"(an open_clip model name or a path to a model-config JSON)")
     return arch
 
@@ -70,8 +73,35 @@ def check_model(cfg: ModelConfig, source: str) -> str:
     name = resolve_arch(cfg.arch, f"{source}: model.arch")
     weights = _check_pretrained(name, cfg.pretrained, source)
     if cfg.pretrained is not None and Path(cfg.pretrained).expanduser().is_file():
+        open_checkpoint(Path(cfg.pretrained).expanduser(), source)
         load_model(cfg, source)  # a local file is cheap to try, and a wrong shape shows only here
     return f"model {name} with {weights}"
+
+
+def open_checkpoint(path: Path, source: str) -> None:
+    """Refuse a ``model.pretrained`` file that is not a state dict torch (or safetensors) reads.
+
+    Opened with ``weights_only=True`` (no code from the file runs) and, for torch's zip format,
+    memory-mapped: the check reads the file's structure, not its gigabytes.
+    """
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open  # open_clip's own reader of .safetensors
+
+            with safe_open(str(path), framework="pt") as opened:
+                opened.keys()
+            return
+        # Only torch's zip format can be memory-mapped; a legacy file is read whole.
+        state = torch.load(path, map_location="cpu", weights_only=True,
+                           mmap=zipfile.is_zipfile(path))
+    except Exception as err:  # noqa: BLE001 - whatever torch says, the file is not a checkpoint
+        reason = ("not a file torch.save wrote" if isinstance(err, pickle.UnpicklingError)
+                  else f"{type(err).__name__}: {first_line(err, 120)}")
+        raise ModelError(f"{source}: model.pretrained: {str(path)!r} is not a checkpoint "
+                         f"({reason})") from None
+    if not isinstance(state, dict):
+        raise ModelError(f"{source}: model.pretrained: {str(path)!r} holds a "
+                         f"{type(state).__name__}, not a state dict of weights")
 
 
 def _check_pretrained(name: str, pretrained: str | None, source: str) -> str:
@@ -86,7 +116,8 @@ def _check_pretrained(name: str, pretrained: str | None, source: str) -> str:
         return f"checkpoint {path}"
     tags = open_clip.list_pretrained_tags_by_model(name)
     raise ModelError(f"{source}: model.pretrained: {pretrained!r} is neither a checkpoint file nor "
-                     f"a tag of {name} (tags: {', '.join(tags) or 'none'})")
+                     f"a tag of {name}{did_you_mean(pretrained, tags)} "
+                     f"(tags: {', '.join(tags) or 'none'})")
 
 
 def load_model(cfg: ModelConfig, source: str = "<config>") -> LoadedModel:
@@ -103,7 +134,7 @@ def load_model(cfg: ModelConfig, source: str = "<config>") -> LoadedModel:
     try:
         model, preprocess_train, preprocess_eval = open_clip.create_model_and_transforms(
             name, pretrained=pretrained, output_dict=True, weights_only=True)
-    except (RuntimeError, ValueError, OSError, KeyError) as err:
+    except (RuntimeError, ValueError, OSError, KeyError, EOFError, pickle.UnpicklingError) as err:
         raise ModelError(f"{source}: model.pretrained: cannot load {pretrained or name!r}: "
                          f"{first_line(err)}") from None
     tokenizer = open_clip.get_tokenizer(name)

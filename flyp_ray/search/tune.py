@@ -39,7 +39,7 @@ from ray.util.placement_group import PlacementGroup, remove_placement_group
 
 from flyp_ray.config import Config, objectives, planned_epochs, with_train
 from flyp_ray.distributed import trainer, worker
-from flyp_ray.errors import BadInput, ConfigError, FlypRayError
+from flyp_ray.errors import BadInput, ConfigError, FlypRayError, first_line, input_error
 from flyp_ray.finetune import wiseft
 from flyp_ray.search import plots, space
 from flyp_ray.tracking import runs
@@ -398,11 +398,28 @@ def run_search(cfg: Config, *, resume: bool = False,
                  search.path, parent, len(points))
         tuner = build_tuner(cfg, search, parent, points)
     try:
-        tuner.fit()
+        grid = tuner.fit()
     except BaseException:
         runs.end_run(uri, parent, "KILLED")
         raise
-    return finish(cfg, search, parent)
+    summary = finish(cfg, search, parent)
+    if summary["best_trial_id"] is None:
+        refuse_if_bad_input(search, list(grid.errors))
+    return summary
+
+
+def refuse_if_bad_input(search: Search, errors: Sequence[BaseException]) -> None:
+    """No trial gave a result: if they stopped on the user's input, say so in one line.
+
+    A trial stopped by a missing image or a metric no report has is not the search's fault:
+    the command exits 2 with that line (summary.json is written all the same), where it would
+    otherwise end on Ray's traceback of the last trial.
+    """
+    for error in errors:
+        cause = input_error(error)
+        if cause is not None:
+            raise BadInput(f"{search.name}: every trial stopped on bad input, the first with: "
+                           f"{first_line(cause)} (summary: {search.path}/{SUMMARY})") from error
 
 
 def finish(cfg: Config, search: Search, parent_run_id: str) -> dict[str, Any]:

@@ -52,7 +52,7 @@ from packaging.version import Version
 from flyp_ray.config import CLASSIFIER_METHODS, Config
 from flyp_ray.data import prompts
 from flyp_ray.data.load import load_data
-from flyp_ray.errors import BadInput, FlypRayError
+from flyp_ray.errors import BadInput, ConfigError, FlypRayError
 from flyp_ray.finetune import checkpoint
 from flyp_ray.finetune.classifier import ImageClassifier
 from flyp_ray.finetune.evaluate import evaluate_splits, zero_shot_head
@@ -246,6 +246,28 @@ def _register(cfg: Config, model_uri: str, name: str,
     mlflow_client.set_registered_model_alias(name, CHAMPION, str(version.version))
     log.info("registered %s version %s (alias %s)", name, version.version, CHAMPION)
     return name, str(version.version)
+
+
+def check_registered_model(cfg: Config) -> None:
+    """Refuse a ``tracking.registered_model`` whose versions are models of another data set.
+
+    A config copied from another data set's keeps its model name: its search would move the
+    other data set's ``champion`` alias to a model of this one. Nothing is created here (a
+    sqlite store that does not exist yet has no models).
+    """
+    name = cfg.tracking.registered_model
+    if not name or "'" in name or not runs.store_exists(cfg.tracking.uri):
+        return  # (a quote cannot be searched for in an MLflow filter)
+    try:
+        found = runs.client(cfg.tracking.uri).search_model_versions(
+            f"name = '{name}'", max_results=1, order_by=["version_number DESC"])
+    except MlflowException:  # a store without a registry, or no such model: nothing to compare
+        return
+    dataset = found[0].tags.get("dataset") if found else None
+    if dataset is not None and dataset != cfg.dataset.name:
+        raise ConfigError(cfg.source, "tracking.registered_model",
+                          f"{name!r} holds {dataset} models (version {found[0].version}), but "
+                          f"this config's data set is {cfg.dataset.name}: name its own model")
 
 
 # --- loading -------------------------------------------------------------------------------

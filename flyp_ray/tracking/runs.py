@@ -58,6 +58,29 @@ def check_uri(uri: str, source: str) -> None:
     elif scheme in ("", "file"):
         raise ConfigError(source, "tracking.uri", f"MLflow 3 has no file store; use sqlite:///"
                                                   f"mlflow.db or a server, got {redact(uri)!r}")
+    elif not _has_store(uri):
+        raise ConfigError(source, "tracking.uri", f"MLflow has no tracking store for {scheme}:// "
+                                                  f"(sqlite:///<file>, postgresql://, mysql://, "
+                                                  f"mssql://, http(s)://<server>, databricks), "
+                                                  f"got {redact(uri)!r}")
+
+
+def _has_store(uri: str) -> bool:
+    """Whether MLflow's own registry of tracking stores takes ``uri``'s scheme."""
+    from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+    try:
+        _tracking_store_registry.get_store_builder(uri)
+    except Exception:  # noqa: BLE001 - MLflow raises its own exception types for this
+        return False
+    return True
+
+
+def store_exists(uri: str) -> bool:
+    """Whether the tracking store already exists (a sqlite file; a server always does)."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///")).expanduser().is_file()
+    return True
 
 
 def _check_server(uri: str, source: str) -> None:

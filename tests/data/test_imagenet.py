@@ -23,7 +23,7 @@ from flyp_ray.errors import ConfigError, DataError
 from flyp_ray.finetune.evaluate import evaluate_splits, ood_averages, split_metrics, unwrap
 from flyp_ray.finetune.model import load_model, tiny_config_path
 from tests.support import REPO
-from tests.support.configs import tiny_config, write_config  # noqa: E402
+from tests.support.configs import named, tiny_config, write_config  # noqa: E402
 from tests.support.imagenet_folder import (  # noqa: E402 - the helpers live next to the tests
     IMAGENET,
     IMAGENET_A,
@@ -239,7 +239,8 @@ def test_ood_average_covers_the_ood_sets_and_never_an_id_split(layout: Path) -> 
 
 def config_file(tmp: Path, layout: Path, **dataset: Any) -> Path:
     raw = tiny_config(tmp, dataset={"name": "imagenet", "root": str(layout / "imagenet"),
-                                    "ood_sets": list(OOD_SETS), **dataset})
+                                    "ood_sets": list(OOD_SETS), **dataset},
+                      train={"batch_size": 4})  # the miniature has 12 training images
     return write_config(tmp / "imagenet.yaml", raw)
 
 
@@ -314,17 +315,17 @@ def test_a_folder_outside_the_class_list_is_named(layout: Path, tmp_path: Path) 
 ])
 def test_config_refuses_bad_ood_settings(dataset: dict[str, Any], train: dict[str, Any],
                                          key: str, problem: str) -> None:
-    raw = {"dataset": {"root": "/data/imagenet", **dataset}, "train": train}
+    raw = named({"dataset": {"root": "/data/imagenet", **dataset}, "train": train})
     with pytest.raises(ConfigError) as err:
         config.from_dict(raw, SRC)
     assert err.value.key == key and problem in err.value.problem
 
 
 def test_eval_splits_must_hold_every_set_the_search_metric_averages() -> None:
-    raw: dict[str, Any] = {
+    raw: dict[str, Any] = named({
         "dataset": {"name": "imagenet", "root": "/d", "ood_sets": ["imagenet_r", "objectnet"]},
         "train": {"eval_splits": ["id_val", "ood_test/imagenet_r"]},
-        "search": {"metric": "ood_test/acc"}}
+        "search": {"metric": "ood_test/acc"}})
     with pytest.raises(ConfigError, match="must include ood_test/objectnet"):
         config.from_dict(raw, SRC)
     raw["search"]["metric"] = "ood_test/imagenet_r/acc"

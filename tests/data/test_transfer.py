@@ -174,7 +174,8 @@ def test_miniature_loads_with_right_splits_classes_and_labels(name: str, tmp_pat
 def test_validate_accepts_the_config_when_the_data_is_there(
         name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     MINIATURES[name][0](tmp_path / "data")
-    raw = tiny_config(tmp_path, dataset={"name": name, "root": str(tmp_path / "data")})
+    raw = tiny_config(tmp_path, dataset={"name": name, "root": str(tmp_path / "data")},
+                      train={"batch_size": 4})  # the miniatures have 6 to 9 training images
     assert cli.main(["validate", str(write_config(tmp_path / "c.yaml", raw))]) == 0
     out = capsys.readouterr().out
     sizes = MINIATURES[name][1]

@@ -35,6 +35,7 @@ from flyp_ray.finetune.evaluate import evaluate_splits, zero_shot_head
 from flyp_ray.finetune.model import LoadedModel, load_model, tiny_config_path
 from flyp_ray.finetune.run import Run, loader_workers
 from flyp_ray.finetune.run import make_run as build_run_state
+from tests.support.configs import named
 
 CPU = torch.device("cpu")
 SPLITS = ("train", "id_val", "ood_test")
@@ -271,10 +272,10 @@ def test_eval_splits_evaluates_all_splits_at_the_last_epoch(tiny: LoadedModel,
 
 def test_eval_splits_must_hold_the_search_metric() -> None:
     with pytest.raises(ConfigError, match="must include id_val"):
-        from_dict({"train": {"eval_splits": ["ood_val"]}}, "cfg.yaml")
+        from_dict(named({"train": {"eval_splits": ["ood_val"]}}), "cfg.yaml")
     with pytest.raises(ConfigError, match="train.eval_splits"):
-        from_dict({"train": {"eval_splits": ["train"]}}, "cfg.yaml")
-    assert from_dict({"train": {"eval_splits": ["id_val"]}}).train.eval_splits == ["id_val"]
+        from_dict(named({"train": {"eval_splits": ["train"]}}), "cfg.yaml")
+    assert from_dict(named({"train": {"eval_splits": ["id_val"]}})).train.eval_splits == ["id_val"]
 
 
 def test_loader_workers_auto_leaves_one_cpu_to_training() -> None:
@@ -285,4 +286,4 @@ def test_loader_workers_auto_leaves_one_cpu_to_training() -> None:
     assert loader_workers(half) == 0
     assert loader_workers(Config(dataset=DatasetConfig(loader_workers=3))) == 3
     with pytest.raises(ConfigError, match="loader_workers"):
-        from_dict({"dataset": {"loader_workers": -2}}, "cfg.yaml")
+        from_dict(named({"dataset": {"loader_workers": -2}}), "cfg.yaml")

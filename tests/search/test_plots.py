@@ -104,8 +104,11 @@ def test_single_objective_marks_the_selected_trial(search: Search) -> None:
 
 
 def test_min_mode_and_out_of_space_trial(search: Search) -> None:
-    records = [*RECORDS[:4], record("outside", 0.5, 0.1, 0.99, 0.99)]
-    cfg = search.config("search.mode=min")
+    # A metric where lower is better: the values of id_val/acc, read as id_val/loss.
+    records = [{**r, "metrics": {k.replace("id_val/acc", "id_val/loss"): v
+                                 for k, v in r["metrics"].items()}}
+               for r in [*RECORDS[:4], record("outside", 0.5, 0.1, 0.99, 0.99)]]
+    cfg = search.config("search.metric=id_val/loss", "search.mode=min")
     study = plots.study_from_records(cfg, records)
-    assert plots.highlighted(study) == {"t4"}  # lowest id_val/acc; 'outside' is left out
+    assert plots.highlighted(study) == {"t4"}  # lowest id_val/loss; 'outside' is left out
     assert len(study.trials) == 4

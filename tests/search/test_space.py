@@ -99,7 +99,7 @@ def test_space_errors_name_the_key(tmp_path: Path, space: dict[str, Any], key: s
 
 
 def test_empty_space_is_refused(tmp_path: Path) -> None:
-    cfg = load(tmp_path)
+    cfg = load(tmp_path, space={})
     with pytest.raises(ConfigError, match="search.space: is empty"):
         search_space.searcher(cfg, study_name="s")
 

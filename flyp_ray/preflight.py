@@ -1,0 +1,192 @@
+"""Everything a command can check before Ray starts, in one place.
+
+``flyp-ray validate`` runs all of it; ``train``, ``tune``, ``tune-all``, ``compare`` and ``eval``
+run the parts they need through the same functions, so a config is refused with the same line
+whichever command refused it, and nothing validate passes fails later on something it could
+have known: the data set's layout, splits and class sizes, the model and its checkpoint, the
+metric names the run will report, the tracking URI, the storage, the search space and
+scheduler. What needs the cluster (whether a worker group fits) is checked once Ray is up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from typing import get_args
+
+from flyp_ray.config import Config, DatasetName, did_you_mean, objectives
+from flyp_ray.data.base import DataFacts
+from flyp_ray.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+DATASETS: tuple[str, ...] = get_args(DatasetName)
+
+
+@dataclasses.dataclass(frozen=True)
+class Checked:
+    """What the checks found: lines describing the config's parts, and warnings."""
+
+    lines: list[str]
+    warnings: list[str]
+
+
+def check(cfg: Config, *, search: bool = True, resume: bool = False) -> Checked:
+    """Every check of ``cfg`` that needs no cluster; raises the first BadInput found.
+
+    ``search`` adds the search's own checks (space, sampler, scheduler; ``resume``: a search
+    to resume exists), which ``validate``, ``tune`` and ``compare --tune`` make.
+    """
+    facts, lines = _check_parts(cfg)
+    check_run(cfg, facts)
+    if search:
+        check_search(cfg, resume=resume)
+    return Checked(lines, warnings(cfg, facts))
+
+
+def check_methods(cfg: Config, methods: Sequence[str], *, search: bool) -> Checked:
+    """``compare``: the config's parts once, then each method's run (and search) as it runs."""
+    from flyp_ray.search import compare
+
+    facts, lines = _check_parts(cfg)
+    found: list[str] = []
+    for method in methods:
+        method_cfg = compare.method_config(cfg, method)
+        check_run(method_cfg, facts)
+        if search and method in compare.SEARCHED:
+            check_search(method_cfg)
+        found += [w for w in warnings(method_cfg, facts) if w not in found]
+    return Checked(lines, found)
+
+
+def check_eval(cfg: Config) -> None:
+    """``eval``: the data set it evaluates on and the tracking URI that resolves the model."""
+    from flyp_ray.data.load import inspect_data
+    from flyp_ray.tracking import runs
+
+    inspect_data(cfg.dataset, cfg.source)
+    runs.check_uri(cfg.tracking.uri, cfg.source)
+
+
+def _check_parts(cfg: Config) -> tuple[DataFacts, list[str]]:
+    """The data set, the model, the tracking URI and registered model, the storage."""
+    from flyp_ray.data.load import inspect_data
+    from flyp_ray.finetune import checkpoint
+    from flyp_ray.finetune.model import check_model
+    from flyp_ray.tracking import registry, runs
+
+    facts = inspect_data(cfg.dataset, cfg.source)
+    model = check_model(cfg.model, cfg.source)
+    runs.check_uri(cfg.tracking.uri, cfg.source)
+    registry.check_registered_model(cfg)
+    checkpoint.check_storage(cfg.storage, cfg.source)
+    return facts, [f"{cfg.source}: config ok", facts.line, model]
+
+
+def check_search(cfg: Config, *, resume: bool = False) -> None:
+    """The search's space, sampler and scheduler (and, to resume, the search's folder)."""
+    from flyp_ray.search import tune
+
+    tune.check(cfg, resume=resume)
+
+
+def check_run(cfg: Config, facts: DataFacts) -> None:
+    """What one run of ``cfg`` on the data set of ``facts`` needs: names and sizes."""
+    if not facts.splits:  # still to be downloaded: nothing more is known
+        return
+    check_eval_splits(cfg, facts)
+    check_metrics(cfg, facts)
+    check_training_set(cfg, facts)
+
+
+def check_eval_splits(cfg: Config, facts: DataFacts) -> None:
+    """``train.eval_splits`` names splits the data set has."""
+    have = [s for s in facts.splits if s != "train"]
+    for split in cfg.train.eval_splits or []:
+        if split not in have:
+            raise ConfigError(cfg.source, "train.eval_splits", f"{split!r} is not a split of "
+                              f"{cfg.dataset.name}{did_you_mean(split, have)} (it has "
+                              f"{', '.join(have)}), got {cfg.train.eval_splits}")
+
+
+def check_metrics(cfg: Config, facts: DataFacts) -> None:
+    """Each of ``search.metric`` is reported by every report of the run.
+
+    Tune checks every result of a trial for the search metric, and the first one also selects
+    the epoch a ``train`` run keeps: a name that is missing, or there only at the last epoch,
+    would fail the run after its first epoch.
+    """
+    from flyp_ray.finetune.reports import reported
+
+    names = reported(cfg.train, facts.splits)
+    metrics, _ = objectives(cfg.search)
+    for metric in metrics:
+        if names.in_every(metric):
+            continue
+        if names.in_some(metric):
+            problem = (f"{metric!r} is reported after the last epoch only, but a search needs "
+                       f"it from every epoch{did_you_mean(metric, sorted(names.every))}")
+        else:
+            problem = (f"{metric!r} is not a metric of this run"
+                       f"{did_you_mean(metric, sorted(names.some))} (it reports "
+                       f"{_example(sorted(names.every), metric)}, ...)")
+        raise ConfigError(cfg.source, "search.metric", problem)
+
+
+def _example(names: Sequence[str], near: str) -> str:
+    """A few of ``names``, those most like ``near`` first."""
+    head = near.rpartition("/")[0]
+    alike = [n for n in names if n.startswith(head)] if head else []
+    return ", ".join((alike or list(names))[:4])
+
+
+def training_images(cfg: Config, facts: DataFacts) -> int:
+    """The images one epoch trains on: the training split, or its few-shot draw."""
+    if cfg.train.k_shot is not None:
+        return cfg.train.k_shot * len(facts.train_per_class)
+    return sum(facts.train_per_class.values())
+
+
+def check_training_set(cfg: Config, facts: DataFacts) -> None:
+    """A few-shot draw the classes can give, and a batch an epoch can fill at least once."""
+    train, src = cfg.train, cfg.source
+    if train.method in ("zeroshot", "lp"):  # no training batches: nothing to fill
+        return
+    if "train" not in facts.splits:
+        raise ConfigError(src, "dataset.name", f"{cfg.dataset.name} has no train split to "
+                                               f"finetune on (train.method {train.method})")
+    if train.k_shot is not None:
+        label, fewest = min(facts.train_per_class.items(), key=lambda lc: lc[1])
+        if train.k_shot > fewest:
+            raise ConfigError(src, "train.k_shot", f"{train.k_shot} images per class asked, but "
+                                                   f"class {label} has {fewest} training images")
+    images = training_images(cfg, facts)
+    if train.batch_size > images:
+        # Batches are dropped when short (every worker must take the same steps): an epoch
+        # with fewer images than one batch would take no step at all.
+        raise ConfigError(src, "train.batch_size", f"{train.batch_size} is more than the "
+                                                   f"{images} training images: an epoch would "
+                                                   f"take no step")
+
+
+def warnings(cfg: Config, facts: DataFacts) -> list[str]:
+    """What is allowed but most likely not meant."""
+    found = []
+    train = cfg.train
+    if facts.splits and train.method not in ("zeroshot", "lp"):
+        steps = train.epochs * (training_images(cfg, facts) // train.batch_size)
+        if train.warmup_steps > steps > 0:  # the factor reaches 1 at step warmup_steps
+            found.append(f"{cfg.source}: train.warmup_steps: {train.warmup_steps} of the run's "
+                         f"{steps} optimizer steps: the learning rate never reaches train.lr")
+    templates = cfg.dataset.templates
+    if isinstance(templates, str) and templates != cfg.dataset.name and templates in DATASETS:
+        found.append(f"{cfg.source}: dataset.templates: {templates!r} are another data set's "
+                     f"prompts, for dataset {cfg.dataset.name} (copied from its config?)")
+    return found
+
+
+def report(checked: Checked) -> None:
+    """Log the warnings of a command that goes on to run."""
+    for warning in checked.warnings:
+        log.warning("%s", warning)

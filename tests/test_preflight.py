@@ -1,0 +1,228 @@
+"""validate refuses what a run would refuse, with the same line; nothing decisive defaults.
+
+The table of issue-style cases runs ``validate``, ``train`` and ``tune`` in this process (each
+refusal comes before Ray starts); the last tests run a real search whose trials stop on bad
+input and a real run whose report lacks its metric.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from flyp_ray import cli, config, preflight
+from flyp_ray.distributed import worker
+from flyp_ray.errors import ConfigError, DataError, first_line, input_error
+from tests.support.configs import tiny_config, write_config
+from tests.support.wilds_folder import write_csv_dataset
+
+
+def jpeg_bytes(tmp: Path) -> str:
+    from PIL import Image
+
+    path = tmp / "photo.jpg"
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(path)
+    return str(path)
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    code = cli.main(list(args))
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    return code, lines[-1] if lines else ""
+
+
+# (name, how to break tiny_config, commands that must refuse it, what the line names)
+ROWS: list[tuple[str, Any, tuple[str, ...], list[str]]] = [
+    ("metric that no report has", {"search": {"metric": "id_val/accuracy"}},
+     ("validate", "train", "tune"), ["search.metric", "'id_val/accuracy'", "did you mean "
+                                                                           "'id_val/acc'"]),
+    ("empty search space", {"search": {"space": {}}}, ("validate", "tune"), ["search.space"]),
+    ("no dataset section", "drop dataset", ("validate", "train", "tune"),
+     ["dataset.name", "is required"]),
+    ("a JPEG as the checkpoint", "jpeg", ("validate", "train", "tune"),
+     ["model.pretrained", "photo.jpg", "not a checkpoint"]),
+    ("a batch the workers cannot split", {"train": {"batch_size": 7},
+                                          "resources": {"workers": 2}},
+     ("validate", "train", "tune"), ["train.batch_size", "7", "resources.workers (2)"]),
+    ("a tracking URI MLflow has no store for", {"tracking": {"uri": "ftp://host/mlflow"}},
+     ("validate", "train", "tune"), ["tracking.uri", "ftp://host/mlflow"]),
+    ("empty storage", {"storage": ""}, ("validate", "train", "tune"), ["storage", "''"]),
+    ("a key twice", "lr twice", ("validate", "train", "tune"),
+     ["train.lr", "given twice, at lines"]),
+]
+
+
+def broken_config(tmp: Path, how: Any) -> Path:
+    raw = tiny_config(tmp, **(how if isinstance(how, dict) else {}))
+    if how == "drop dataset":
+        del raw["dataset"]
+    if how == "jpeg":
+        raw["model"]["pretrained"] = jpeg_bytes(tmp)
+    path = write_config(tmp / "c.yaml", raw)
+    if how == "lr twice":
+        path.write_text(path.read_text().replace("  lr: 0.001\n", "  lr: 0.001\n  lr: 0.01\n"))
+    return path
+
+
+@pytest.mark.parametrize(("how", "commands", "needles"), [r[1:] for r in ROWS],
+                         ids=[r[0] for r in ROWS])
+def test_every_row_is_refused_by_validate_and_the_runs_alike(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], how: Any,
+        commands: tuple[str, ...], needles: list[str]) -> None:
+    path = broken_config(tmp_path, how)
+    lines = set()
+    for command in commands:
+        code, line = run_cli(capsys, command, str(path))
+        assert code == 2, (command, line)
+        assert line.startswith(f"flyp-ray: error: {path}: "), line
+        for needle in needles:
+            assert needle in line, (command, line)
+        lines.add(line)
+    assert len(lines) == 1  # one code path: the same line from each command
+
+
+# --- more of what users get wrong ----------------------------------------------------------
+
+MORE: list[tuple[str, dict[str, Any], list[str]]] = [
+    ("a metric only the last epoch reports",
+     {"train": {"epochs": 2, "wiseft_alphas": [0.5]},
+      "search": {"metric": "wiseft/0.5/id_val/acc"}},
+     ["search.metric", "last epoch only", "wiseft/best/id_val/acc"]),
+    ("a metric of another method", {"train": {"method": "ce"},
+                                    "search": {"metric": "train/temperature"}},
+     ["search.metric", "'train/temperature'", "not a metric of this run"]),
+    ("maximising a loss", {"search": {"metric": "id_val/loss", "mode": "max"}},
+     ["search.mode", "use min"]),
+    ("more shots than a class has", {"train": {"k_shot": 50}}, ["train.k_shot", "50"]),
+    ("a batch larger than the training set", {"train": {"batch_size": 128}},
+     ["train.batch_size", "128", "64 training images"]),
+    ("a misspelt architecture", {"model": {"arch": "ViT-B-61"}},
+     ["model.arch", "did you mean 'ViT-B-16'"]),
+    ("a misspelt search key", {"search": {"space": {"weight_decy": {
+        "type": "float", "low": 0.0, "high": 0.1}}}},
+     ["search.space.weight_decy", "did you mean 'weight_decay'"]),
+    ("a searched batch the workers cannot split",
+     {"resources": {"workers": 2}, "search": {"space": {"batch_size": {
+         "type": "int", "low": 8, "high": 32}}}}, ["search.space.batch_size.step"]),
+    ("eval_splits without the search metric's split",
+     {"train": {"eval_splits": ["ood_val"]}}, ["train.eval_splits", "id_val"]),
+]
+
+
+@pytest.mark.parametrize(("sections", "needles"), [m[1:] for m in MORE], ids=[m[0] for m in MORE])
+def test_more_mistakes_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                    sections: dict[str, Any], needles: list[str]) -> None:
+    path = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, **sections))
+    code, line = run_cli(capsys, "validate", str(path))
+    assert code == 2 and line.startswith(f"flyp-ray: error: {path}: "), line
+    for needle in needles:
+        assert needle in line, line
+
+
+def test_eval_splits_must_be_splits_of_the_data_set(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    root = write_csv_dataset(tmp_path / "set", n_per_split=6, num_classes=3,
+                             splits=("train", "id_val", "id_test"))
+    raw = tiny_config(tmp_path, dataset={"name": "csv", "root": str(root),
+                                         "classnames": str(root / "classnames.txt")},
+                      train={"batch_size": 4, "eval_splits": ["id_val", "ood_val"]})
+    code, line = run_cli(capsys, "validate", str(write_config(tmp_path / "c.yaml", raw)))
+    assert code == 2
+    assert "train.eval_splits: 'ood_val' is not a split of csv" in line
+    assert "(it has id_val, id_test)" in line
+
+
+def test_a_registered_model_of_another_data_set_is_refused(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    raw = tiny_config(tmp_path, tracking={"registered_model": "flyp-iwildcam"})
+    client = MlflowClient(raw["tracking"]["uri"])
+    client.create_registered_model("flyp-iwildcam")
+    client.create_model_version("flyp-iwildcam", source=str(tmp_path),
+                                tags={"dataset": "iwildcam"})
+    code, line = run_cli(capsys, "validate", str(write_config(tmp_path / "c.yaml", raw)))
+    assert code == 2
+    assert ("tracking.registered_model: 'flyp-iwildcam' holds iwildcam models (version 1), but "
+            "this config's data set is synthetic") in line
+
+
+def test_warnings_leave_validate_at_0(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    raw = tiny_config(tmp_path, train={"warmup_steps": 500},
+                      dataset={"templates": "iwildcam"})
+    path = write_config(tmp_path / "c.yaml", raw)
+    assert cli.main(["validate", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert "config ok" in captured.out
+    warnings = [line for line in captured.err.splitlines() if line.startswith("flyp-ray: warn")]
+    assert warnings == [
+        f"flyp-ray: warning: {path}: train.warmup_steps: 500 of the run's 4 optimizer steps: "
+        f"the learning rate never reaches train.lr",
+        f"flyp-ray: warning: {path}: dataset.templates: 'iwildcam' are another data set's "
+        f"prompts, for dataset synthetic (copied from its config?)"]
+
+
+def test_a_good_config_passes_every_check(tmp_path: Path) -> None:
+    cfg = config.load(write_config(tmp_path / "c.yaml", tiny_config(tmp_path)))
+    checked = preflight.check(cfg)
+    assert checked.lines[0] == f"{cfg.source}: config ok" and checked.warnings == []
+    assert not (tmp_path / "mlflow.db").exists()  # validate creates no tracking store
+
+
+# --- a run's own failures end in one line too ----------------------------------------------
+
+
+def test_a_missing_metric_stops_the_worker_with_the_configs_line(tmp_path: Path) -> None:
+    cfg = config.load(write_config(tmp_path / "c.yaml", tiny_config(tmp_path)))
+    cfg = dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, metric="ood_val/acc"))
+    with pytest.raises(ConfigError, match=r"c.yaml: search.metric: 'ood_val/acc' is not in "
+                                          r"epoch 3's report \(it has ood_val/loss\)"):
+        worker.check_objectives(cfg, 3, {"epoch": 3.0, "ood_val/loss": 1.0})
+
+
+def test_wrapped_input_errors_are_found_and_read_in_one_line() -> None:
+    import ray.exceptions
+    import ray.train
+
+    # What a DataLoader process's error looks like once torch re-raises it in the trainer.
+    inner = DataError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback "
+                      "(most recent call last):\n  File \"x.py\", line 1\nflyp_ray.errors."
+                      "DataError: cannot read image /d/a.png (FileNotFoundError: gone)")
+    group = ray.train.WorkerGroupError("Training failed", {0: inner})
+    wrapped = ray.exceptions.RayTaskError("run_trial", "traceback", group)
+    assert input_error(wrapped) is inner
+    assert first_line(inner) == "cannot read image /d/a.png (FileNotFoundError: gone)"
+    assert input_error(RuntimeError("no")) is None
+
+
+@pytest.mark.slow
+def test_a_search_whose_trials_stop_on_a_vanished_image_exits_2(
+        ray_session: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = write_csv_dataset(tmp_path / "set", n_per_split=8, num_classes=2)
+    raw = tiny_config(tmp_path, dataset={"name": "csv", "root": str(root),
+                                         "classnames": str(root / "classnames.txt")},
+                      train={"batch_size": 4},
+                      search={"num_samples": 1, "scheduler": {"type": "none"}})
+    path = write_config(tmp_path / "c.yaml", raw)
+    assert cli.main(["validate", str(path)]) == 0
+    (root / "images" / "train_0005.png").unlink()  # gone after validate, before the epoch
+    code = cli.main(["tune", str(path)])
+    captured = capsys.readouterr()
+    last = captured.err.strip().splitlines()[-1]
+    assert code == 2, last
+    assert last.startswith("flyp-ray: error: search-c: every trial stopped on bad input, the "
+                           "first with: cannot read image "), last
+    assert "train_0005.png" in last and (tmp_path / "results/search-c/summary.json").exists()
+
+
+def test_checkpoint_of_a_tensor_is_not_a_state_dict(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    torch.save(torch.zeros(3), tmp_path / "t.pt")
+    raw = tiny_config(tmp_path, model={"pretrained": str(tmp_path / "t.pt")})
+    code, line = run_cli(capsys, "validate", str(write_config(tmp_path / "c.yaml", raw)))
+    assert code == 2 and "t.pt' holds a Tensor, not a state dict of weights" in line
