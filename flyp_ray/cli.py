@@ -58,6 +58,9 @@ def parser() -> argparse.ArgumentParser:
                           help="the data sets' YAML configs")
     tune_all.add_argument("--set", dest="overrides", action="append", default=[],
                           metavar="KEY=VALUE", help="an override applied to every config")
+    tune_all.add_argument("--budget", type=float, metavar="WORKER_HOURS",
+                          help="one budget for all the searches (GPU-hours when workers have "
+                               "GPUs), shared in proportion to each data set's work per trial")
     tune_all.set_defaults(run=cmd_tune_all)
 
     compare = sub.add_parser("compare", help="run several methods on the config's data set and "
@@ -166,9 +169,10 @@ def cmd_tune_all(args: argparse.Namespace) -> int:
     from flyp_ray import preflight
     from flyp_ray.search import tune
 
+    if args.budget is not None and not args.budget > 0:
+        raise BadInput(f"--budget: must be a number of worker-hours > 0, got {args.budget}")
     cfgs = [config_mod.load(path, args.overrides) for path in args.configs]
-    for cfg in cfgs:
-        preflight.report(preflight.check(cfg))
+    cfgs = preflight.check_searches(cfgs, args.budget)
     cluster.init_ray()
     for cfg in cfgs:
         cluster.check_fits(cfg, cluster.cluster_resources())

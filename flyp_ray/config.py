@@ -112,6 +112,11 @@ class ResourcesConfig:
     cpus_per_worker: float = 1.0  # fractional CPUs are fine on a small machine
     max_failures: int = 2  # worker-group restarts from the last checkpoint before giving up
 
+    @property
+    def hourly_rate(self) -> float:
+        """What an hour of one trial costs a budget: its GPUs, or its workers if they have none."""
+        return self.workers * (self.gpus_per_worker if self.gpus_per_worker > 0 else 1.0)
+
 
 @dataclasses.dataclass(frozen=True)
 class ParamSpec:
@@ -135,6 +140,21 @@ class SchedulerConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RecheckConfig:
+    """After the search, train the ``top_k`` best configs again with ``seeds`` new seeds each."""
+
+    top_k: int = 3
+    seeds: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class BudgetConfig:
+    """What a search may spend: GPU-hours when workers have GPUs, else worker-hours."""
+
+    worker_hours: float
+
+
+@dataclasses.dataclass(frozen=True)
 class SearchConfig:
     """The Ray Tune + Optuna search over TrainConfig fields."""
 
@@ -147,6 +167,8 @@ class SearchConfig:
     warm_start: bool = False  # enqueue the best configs found so far as first points
     scheduler: SchedulerConfig = dataclasses.field(default_factory=SchedulerConfig)
     space: dict[str, ParamSpec] = dataclasses.field(default_factory=dict)
+    recheck: RecheckConfig | None = None  # re-train the best configs with new seeds; champion
+    budget: BudgetConfig | None = None  # stop starting trials once this much is spent
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,6 +273,9 @@ def _coerce(value: Any, hint: Any, source: str, key: str) -> Any:
         options = get_args(hint)
         if value is None and type(None) in options:
             return None
+        given = [o for o in options if o is not type(None)]
+        if len(given) == 1:  # X | None: X's own error, with its own key
+            return _coerce(value, given[0], source, key)
         errors = []
         for option in (o for o in options if o is not type(None)):
             try:
@@ -331,6 +356,11 @@ def build(cls: type[T], raw: Any, source: str, prefix: str = "") -> T:
             raise ConfigError(source, _join(prefix, str(key)),
                               f"unknown key{did_you_mean(str(key), known)} "
                               f"(known: {', '.join(known)})")
+    for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+        no_default = (field.default is dataclasses.MISSING
+                      and field.default_factory is dataclasses.MISSING)
+        if no_default and field.name not in raw:
+            raise ConfigError(source, _join(prefix, field.name), "is required, got nothing")
     values = {k: _coerce(v, hints[k], source, _join(prefix, k)) for k, v in raw.items()}
     return cls(**values)
 
@@ -450,6 +480,16 @@ def check_search(search: SearchConfig, source: str) -> None:
            search.scheduler.grace_period, "must be >= 1")
     _check(search.scheduler.reduction_factor >= 2, source, "search.scheduler.reduction_factor",
            search.scheduler.reduction_factor, "must be >= 2")
+    if search.recheck is not None:
+        _check(search.recheck.top_k >= 1, source, "search.recheck.top_k", search.recheck.top_k,
+               "must be >= 1")
+        _check(search.recheck.top_k <= search.num_samples, source, "search.recheck.top_k",
+               search.recheck.top_k, f"must be <= search.num_samples ({search.num_samples})")
+        _check(search.recheck.seeds >= 1, source, "search.recheck.seeds", search.recheck.seeds,
+               "must be >= 1")
+    if search.budget is not None:
+        _check(search.budget.worker_hours > 0, source, "search.budget.worker_hours",
+               search.budget.worker_hours, "must be > 0")
     _check_space(search, source)
 
 
@@ -537,7 +577,21 @@ def check(cfg: Config) -> Config:
     _check_eval_splits(cfg)
     check_search(cfg.search, src)
     _check_batch_space(cfg)
+    check_budget(cfg)
     return cfg
+
+
+def check_budget(cfg: Config) -> None:
+    """A budget must pay for at least a minute of one trial's workers: a trial's start-up alone
+    (Ray's worker group, the model, the data) takes about that long."""
+    if cfg.search.budget is None:
+        return
+    hourly = cfg.resources.hourly_rate
+    minutes = 60 * cfg.search.budget.worker_hours / hourly
+    unit = "GPU" if cfg.resources.gpus_per_worker > 0 else "worker"
+    _check(minutes >= 1, cfg.source, "search.budget.worker_hours", cfg.search.budget.worker_hours,
+           f"is {minutes:.2g} minutes of one trial's {hourly:g} {unit}(s), not enough for one "
+           f"trial (its start-up alone takes about a minute)")
 
 
 def check_batch(train: TrainConfig, workers: int, source: str) -> None:

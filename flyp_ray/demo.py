@@ -45,6 +45,8 @@ def demo_config(folder: Path, pretrained: Path) -> config.Config:
             "metric": "id_val/acc", "mode": "max", "num_samples": 6,
             "max_concurrent_trials": 2,
             "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
+            # The two best configs again with two new seeds each: the champion is the best mean.
+            "recheck": {"top_k": 2, "seeds": 2},
             "space": {
                 "lr": {"type": "float", "low": 1.0e-4, "high": 1.0e-3, "log": True},
                 "weight_decay": {"type": "float", "low": 0.0, "high": 0.3},
@@ -82,11 +84,17 @@ def report(cfg: config.Config, folder: Path, zero_shot: dict[str, float],
            summary: dict[str, Any]) -> str:
     """The human-readable result: best trial against the zero-shot start, and where to look."""
     best = summary.get("best_metrics") or {}
-    rows = [f"{'':12} {'zero-shot':>10} {'FLYP best':>10}"]
+    champion = next((r for r in summary.get("recheck") or []
+                     if r["trial_id"] == summary.get("champion_trial_id")), None)
+    mean = champion["mean"] if champion else {}
+    rows = [f"{'':12} {'zero-shot':>10} {'FLYP best':>10} {'champion':>18}"]
     for split in ("id_val", "id_test", "ood_val", "ood_test"):
         key = f"{split}/acc"
         if key in zero_shot:
-            rows.append(f"{key:12} {zero_shot[key]:10.3f} {best.get(key, float('nan')):10.3f}")
+            spread = (f"{mean[key]:.3f} +- {champion['std'][key]:.3f}" if champion and key in mean
+                      else "-")
+            rows.append(f"{key:12} {zero_shot[key]:10.3f} {best.get(key, float('nan')):10.3f} "
+                        f"{spread:>18}")
     searched = {k: v for k, v in (summary.get("best_config") or {}).items()
                 if k in cfg.search.space}
     chosen = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
@@ -95,6 +103,8 @@ def report(cfg: config.Config, folder: Path, zero_shot: dict[str, float],
     return "\n".join([
         "", "flyp-ray demo: done", *rows, "",
         f"best trial   {summary.get('best_trial_id')}  {chosen}",
+        f"champion     {summary.get('champion_trial_id')}  (the best mean over "
+        f"{len(champion['seeds']) if champion else 0} new seeds of the 2 best trials)",
         f"model        models:/{model.get('name')}/{model.get('version')}" if model else
         "model        (not registered)",
         f"results      {folder / 'results'}",

@@ -15,7 +15,15 @@ import logging
 from collections.abc import Sequence
 from typing import get_args
 
-from flyp_ray.config import Config, DatasetName, did_you_mean, objectives
+from flyp_ray.config import (
+    BudgetConfig,
+    Config,
+    DatasetName,
+    check_budget,
+    did_you_mean,
+    objectives,
+    planned_epochs,
+)
 from flyp_ray.data.base import DataFacts
 from flyp_ray.errors import ConfigError
 
@@ -30,6 +38,7 @@ class Checked:
 
     lines: list[str]
     warnings: list[str]
+    facts: DataFacts
 
 
 def check(cfg: Config, *, search: bool = True, resume: bool = False) -> Checked:
@@ -42,7 +51,32 @@ def check(cfg: Config, *, search: bool = True, resume: bool = False) -> Checked:
     check_run(cfg, facts)
     if search:
         check_search(cfg, resume=resume)
-    return Checked(lines, warnings(cfg, facts))
+    return Checked(lines, warnings(cfg, facts), facts)
+
+
+def check_searches(cfgs: Sequence[Config], budget_hours: float | None) -> list[Config]:
+    """``tune-all``: every config checked before any search starts, and a budget shared.
+
+    ``budget_hours`` is split over the data sets in proportion to the work of one trial of
+    each (training images x epochs x the trial's hourly rate); each share is then checked as a
+    config's own budget would be. Returns the configs with their shares.
+    """
+    from flyp_ray.search import budget
+
+    checked = [check(cfg) for cfg in cfgs]
+    for c in checked:
+        report(c)
+    if budget_hours is None:
+        return list(cfgs)
+    work = [training_images(cfg, c.facts) * planned_epochs(cfg.train) * cfg.resources.hourly_rate
+            for cfg, c in zip(cfgs, checked, strict=True)]
+    shared = []
+    for cfg, share in zip(cfgs, budget.split(budget_hours, work), strict=True):
+        search = dataclasses.replace(cfg.search, budget=BudgetConfig(worker_hours=share))
+        shared.append(dataclasses.replace(cfg, search=search))
+        check_budget(shared[-1])
+        log.info("%s: %.3g of the %g worker-hours", cfg.source, share, budget_hours)
+    return shared
 
 
 def check_methods(cfg: Config, methods: Sequence[str], *, search: bool) -> Checked:
@@ -57,7 +91,7 @@ def check_methods(cfg: Config, methods: Sequence[str], *, search: bool) -> Check
         if search and method in compare.SEARCHED:
             check_search(method_cfg)
         found += [w for w in warnings(method_cfg, facts) if w not in found]
-    return Checked(lines, found)
+    return Checked(lines, found, facts)
 
 
 def check_eval(cfg: Config) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -102,15 +103,21 @@ def new_name(cfg: Config) -> str:
 
 
 def train(cfg: Config, name: str | None = None, resume_from: str | None = None,
-          parent_run_id: str | None = None) -> TrainOutcome:
+          parent_run_id: str | None = None,
+          tags: Mapping[str, str] | None = None) -> TrainOutcome:
     """One finetuning run with the config's fixed values, tracked as one MLflow run.
 
-    ``parent_run_id`` nests that run under another (a ``compare`` run).
+    ``parent_run_id`` nests that run under another (a ``compare`` or ``search`` run), and
+    ``tags`` go on it (``flyp_ray.kind`` among them replaces ``train``). A run whose MLflow run
+    already finished (a driver restarted after it) is read back from storage: nothing is
+    trained or logged again.
     """
     name = name or new_name(cfg)
-    run_id = _find_or_start_run(cfg, name, parent_run_id)
+    run_id = _find_or_start_run(cfg, name, parent_run_id, tags or {})
+    done = runs.status(cfg.tracking.uri, run_id) == "FINISHED"
     log.info("Ray Train run %s under %s; MLflow run %s", name, storage_path(cfg), run_id)
     try:
+        # Rebuilding a trainer with the same name restores the run: a finished one returns.
         result = build_trainer(cfg, name, mlflow_run_id=run_id, resume_from=resume_from).fit()
     except Exception:
         runs.end_run(cfg.tracking.uri, run_id, "FAILED")
@@ -123,9 +130,10 @@ def train(cfg: Config, name: str | None = None, resume_from: str | None = None,
     metric, mode = selection(cfg)
     best, metrics = best_of(result, metric, mode)
     metrics = wiseft.with_sweep(metrics, latest)
-    _log_model(cfg, run_id, best)
-    runs.set_tags(cfg.tracking.uri, run_id, {"flyp_ray.best_epoch": metrics.get("epoch")})
-    runs.end_run(cfg.tracking.uri, run_id)
+    if not done:
+        _log_model(cfg, run_id, best)
+        runs.set_tags(cfg.tracking.uri, run_id, {"flyp_ray.best_epoch": metrics.get("epoch")})
+        runs.end_run(cfg.tracking.uri, run_id)
     return TrainOutcome(metrics={k: float(v) for k, v in metrics.items() if _is_number(v)},
                         best_epoch=int(metrics.get("epoch", 0)), checkpoint=best.path,
                         mlflow_run_id=run_id)
@@ -135,9 +143,10 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _find_or_start_run(cfg: Config, name: str, parent_run_id: str | None = None) -> str:
+def _find_or_start_run(cfg: Config, name: str, parent_run_id: str | None,
+                       extra: Mapping[str, str]) -> str:
     """The MLflow run of Ray run ``name``: reused when the driver restarts, else created."""
-    tags = {runs.KIND_TAG: "train", "flyp_ray.run_name": name}
+    tags = {runs.KIND_TAG: "train", **extra, "flyp_ray.run_name": name}
     if parent_run_id is not None:
         tags[runs.PARENT_TAG] = parent_run_id
     found = runs.find_run(cfg.tracking.uri, cfg.tracking.experiment, tags)

@@ -18,7 +18,6 @@ child run per trial (named after the trial id, so a restarted trial finds and re
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import logging
 import math
@@ -35,14 +34,15 @@ import ray.util
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 from ray.tune.logger import JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, HyperBandScheduler, TrialScheduler
+from ray.tune.search import Searcher
 from ray.util.placement_group import PlacementGroup, remove_placement_group
 
 from flyp_ray.config import Config, objectives, planned_epochs, with_train
 from flyp_ray.distributed import trainer, worker
 from flyp_ray.errors import BadInput, ConfigError, FlypRayError, first_line, input_error
 from flyp_ray.finetune import wiseft
-from flyp_ray.search import plots, space
-from flyp_ray.tracking import runs
+from flyp_ray.search import budget, plots, recheck, space
+from flyp_ray.tracking import registry, runs
 
 log = logging.getLogger(__name__)
 
@@ -232,10 +232,16 @@ def trainable(cfg: Config, search: Search, parent_run_id: str) -> Any:
 def build_tuner(cfg: Config, search: Search, parent_run_id: str,
                 points: Sequence[space.Point] = ()) -> ray.tune.Tuner:
     """A fresh Tuner for ``search``: OptunaSearch, the scheduler, and Tune's run settings."""
+    searcher: Searcher = space.searcher(cfg, study_name=search.name, points=points)
+    stopper = None
+    if cfg.search.budget is not None:
+        ledger = budget.Ledger(cfg.search.budget.worker_hours, cfg.resources.hourly_rate)
+        searcher = budget.BudgetSearcher(searcher, ledger)
+        stopper = budget.StopAtRung(ledger, budget.rungs(cfg))
     tune_config = ray.tune.TuneConfig(
         num_samples=cfg.search.num_samples,
         max_concurrent_trials=cfg.search.max_concurrent_trials,
-        search_alg=space.searcher(cfg, study_name=search.name, points=points),
+        search_alg=searcher,
         scheduler=scheduler(cfg),
     )
     run_config = ray.tune.RunConfig(
@@ -247,6 +253,7 @@ def build_tuner(cfg: Config, search: Search, parent_run_id: str,
         failure_config=ray.tune.FailureConfig(max_failures=0, fail_fast=False),
         # Every epoch's result in each trial folder (result.json), whatever the Tune defaults.
         callbacks=[JsonLoggerCallback(), FreeStoppedWorkers()],
+        stop=stopper,
     )
     return ray.tune.Tuner(trainable(cfg, search, parent_run_id), tune_config=tune_config,
                           run_config=run_config)
@@ -298,6 +305,8 @@ def trial_records(cfg: Config, search: Search) -> list[dict[str, Any]]:
             "status": _status(trial.status, epochs, planned_epochs(cfg.train)),
             "epochs": epochs,
             "checkpoint": (best or {}).get(CHECKPOINT_PATH_KEY),
+            # what the trial spent: Tune's running time of its driver (budgets count it)
+            "seconds": max((float(r.get("time_total_s", 0) or 0) for r in rows), default=0.0),
         })
     return records
 
@@ -445,8 +454,16 @@ def finish(cfg: Config, search: Search, parent_run_id: str) -> dict[str, Any]:
     if len(metrics) > 1:
         summary["pareto_front"] = pareto_front(cfg, records)
     _log_plots(cfg, parent_run_id, records)
+    seconds = [r["seconds"] for r in records]
     if best is not None and best["checkpoint"]:
-        summary["registered_model"] = _register(cfg, best, parent_run_id)
+        if cfg.search.recheck is not None and not _budget_spent(cfg, seconds):
+            summary.update(_recheck(cfg, search, parent_run_id, records))
+            seconds += [run.get("seconds", 0.0) for r in summary["recheck"] for run in r["runs"]]
+        else:
+            summary["registered_model"] = _register(cfg, best, parent_run_id)
+    if cfg.search.budget is not None:
+        summary["budget"] = {"worker_hours": cfg.search.budget.worker_hours,
+                             "spent_worker_hours": budget.spent(cfg, seconds)}
     _close_parent(cfg, parent_run_id, summary)
     _write_text(f"{search.path}/{SUMMARY}", json.dumps(summary, indent=1, sort_keys=True) + "\n")
     return summary
@@ -477,6 +494,10 @@ def _close_parent(cfg: Config, parent_run_id: str, summary: Mapping[str, Any]) -
                             "flyp_ray.num_trials": summary["num_trials"],
                             "flyp_ray.num_completed": summary["num_completed"],
                             "flyp_ray.num_failed": summary["num_failed"]}
+    if "budget" in summary:
+        tags["flyp_ray.budget.worker_hours"] = summary["budget"]["worker_hours"]
+        runs.log_metrics(uri, parent_run_id, {
+            "budget/spent_worker_hours": summary["budget"]["spent_worker_hours"]}, step=0)
     if summary["best_trial_id"] is not None:
         tags.update({"flyp_ray.best_trial_id": summary["best_trial_id"],
                      "flyp_ray.best_config": json.dumps(summary["best_config"], sort_keys=True),
@@ -496,12 +517,46 @@ def _log_plots(cfg: Config, parent_run_id: str, records: list[dict[str, Any]]) -
                   type(err).__name__, err)
 
 
-def _register(cfg: Config, best: Mapping[str, Any], parent_run_id: str) -> dict[str, str] | None:
-    """Log and register the best trial's model, where the registry module is installed."""
-    if importlib.util.find_spec("flyp_ray.tracking.registry") is None:
-        return None
-    from flyp_ray.tracking import registry
+def _budget_spent(cfg: Config, seconds: Sequence[float]) -> bool:
+    """Whether the search spent its budget (then re-checks do not start)."""
+    if cfg.search.budget is None or budget.spent(cfg, seconds) < cfg.search.budget.worker_hours:
+        return False
+    log.warning("re-check skipped: the search has spent its budget of %g worker-hours",
+                cfg.search.budget.worker_hours)
+    return True
 
+
+def _recheck(cfg: Config, search: Search, parent_run_id: str,
+             records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Re-check the best configs with new seeds; crown and register the champion."""
+    rechecked = recheck.recheck(cfg, records, parent_run_id, search.path)
+    champion = recheck.champion(cfg, rechecked)
+    out: dict[str, Any] = {"recheck": rechecked, "registered_model": None,
+                           "champion_trial_id": champion["trial_id"] if champion else None}
+    if champion is None:
+        log.error("re-check: no seed of any re-checked config finished; no champion")
+        return out
+    metrics = objectives(cfg.search)[0]
+    uri = cfg.tracking.uri
+    runs.set_tags(uri, parent_run_id, {"flyp_ray.champion_trial_id": champion["trial_id"]})
+    runs.log_metrics(uri, parent_run_id, {
+        **{f"champion/mean/{m}": champion["mean"][m] for m in metrics if m in champion["mean"]},
+        **{f"champion/std/{m}": champion["std"][m] for m in metrics if m in champion["std"]}},
+        step=0)
+    seed = recheck.best_seed(cfg, champion)
+    tags = {f"recheck.{kind}.{m}": str(champion[kind][m]) for kind in ("mean", "std")
+            for m in metrics if m in champion[kind]}
+    registered = registry.register_run_model(
+        with_train(cfg, **champion["config"]), seed["mlflow_run_id"], seed["metrics"],
+        {**tags, "recheck.seeds": str(len(champion["seeds"])),
+         "recheck.trial_id": champion["trial_id"], "recheck.seed": str(seed["seed"])})
+    out["registered_model"] = ({"name": registered[0], "version": registered[1]}
+                               if registered else None)
+    return out
+
+
+def _register(cfg: Config, best: Mapping[str, Any], parent_run_id: str) -> dict[str, str] | None:
+    """Log the best trial's model on the search's run and register it."""
     best_cfg = with_train(cfg, **best["params"])
     try:
         registered = registry.log_and_register(best_cfg, parent_run_id, best["checkpoint"],
@@ -565,17 +620,21 @@ def run_all(configs: Sequence[Config]) -> list[dict[str, Any]]:
 
 def print_table(cfgs: Sequence[Config], summaries: Sequence[Mapping[str, Any]]) -> None:
     """The best result of each data set, one row per config, on stderr."""
-    header = ("config", "dataset", "metric", "best", "trial", "done/failed", "model")
+    header = ("config", "dataset", "metric", "best", "trial", "done/failed", "model",
+              "budget (spent)")
     rows = [header]
     for cfg, s in zip(cfgs, summaries, strict=True):
         metric, _ = trainer.selection(cfg)
         value = s.get("best_metrics", {}).get(metric)
         model = s.get("registered_model") or {}
+        spent = s.get("budget") or {}
         rows.append((Path(cfg.source).name, cfg.dataset.name, metric,
                      "-" if value is None else f"{value:.4f}",
                      s.get("best_trial_id") or s.get("error", "-")[:40],
                      f"{s.get('num_completed', 0)}/{s.get('num_failed', 0)}",
-                     f"{model['name']} v{model['version']}" if model else "-"))
+                     f"{model['name']} v{model['version']}" if model else "-",
+                     f"{spent['worker_hours']:.3g} ({spent['spent_worker_hours']:.3g})"
+                     if spent else "-"))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
     for row in rows:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip(),

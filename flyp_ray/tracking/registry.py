@@ -234,10 +234,10 @@ def _requirements() -> list[str]:
             "numpy"]
 
 
-def _register(cfg: Config, model_uri: str, name: str,
-              metrics: Mapping[str, float]) -> tuple[str, str]:
+def _register(cfg: Config, model_uri: str, name: str, metrics: Mapping[str, float],
+              extra: Mapping[str, str] | None = None) -> tuple[str, str]:
     metric = cfg.search.metric[0] if isinstance(cfg.search.metric, list) else cfg.search.metric
-    tags = {"dataset": cfg.dataset.name, "metric": metric}
+    tags = {"dataset": cfg.dataset.name, "metric": metric, **(extra or {})}
     if metric in metrics:
         tags["metric_value"] = str(float(metrics[metric]))
     mlflow_client = runs.client(cfg.tracking.uri)
@@ -246,6 +246,23 @@ def _register(cfg: Config, model_uri: str, name: str,
     mlflow_client.set_registered_model_alias(name, CHAMPION, str(version.version))
     log.info("registered %s version %s (alias %s)", name, version.version, CHAMPION)
     return name, str(version.version)
+
+
+def register_run_model(cfg: Config, run_id: str, metrics: Mapping[str, float],
+                       tags: Mapping[str, str]) -> tuple[str, str] | None:
+    """Register the model already logged on run ``run_id`` (a re-check's champion seed), with
+    ``tags`` beside the usual ones, and move ``champion`` to it; None if nothing was registered
+    (no registered_model configured, or an MLflow failure, which is logged)."""
+    name = cfg.tracking.registered_model
+    if not name:
+        return None
+    uri = f"runs:/{run_id}/model"
+    try:
+        return _register(cfg, uri, name, metrics, tags)
+    except Exception as err:  # noqa: BLE001 - a registry failure must not fail the search
+        log.error("could not register %s as %r: %s: %s", uri, name, type(err).__name__,
+                  str(err)[:300])
+        return None
 
 
 def check_registered_model(cfg: Config) -> None:

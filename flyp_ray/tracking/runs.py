@@ -287,6 +287,12 @@ def search_runs(uri: str, experiment: str) -> list[Run]:
                                           order_by=["attributes.start_time DESC"]))
 
 
+def status(uri: str, run_id: str) -> str | None:
+    """The run's status (RUNNING, FINISHED, FAILED, KILLED), or None if MLflow cannot say."""
+    _, run = _retry("get_run", lambda: MlflowClient(tracking_uri=uri).get_run(run_id))
+    return None if run is None else str(run.info.status)
+
+
 def reopen_run(uri: str, run_id: str) -> None:
     """Mark a run RUNNING again (a resumed search); retried, never raises."""
     _retry("reopen_run", lambda: MlflowClient(tracking_uri=uri).update_run(run_id, "RUNNING"))

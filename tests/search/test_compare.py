@@ -100,3 +100,11 @@ def test_few_shot_repeats_report_mean_and_std(
     logged = client.get_run(outcome.mlflow_run_id).data.metrics
     draws = [logged[f"repeat/{d}/id_val/acc"] for d in (0, 1)]
     assert metrics["id_val/acc"] == pytest.approx(sum(draws) / 2)
+
+
+def test_a_rechecked_search_gives_its_champions_mean() -> None:
+    summary = {"best_metrics": {"id_val/acc": 0.9}, "champion_trial_id": "b",
+               "recheck": [{"trial_id": "a", "mean": {"id_val/acc": 0.7}},
+                           {"trial_id": "b", "mean": {"id_val/acc": 0.8}}]}
+    assert compare.searched_metrics(summary) == {"id_val/acc": 0.8}
+    assert compare.searched_metrics({"best_metrics": {"id_val/acc": 0.9}}) == {"id_val/acc": 0.9}

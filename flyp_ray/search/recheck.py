@@ -1,0 +1,192 @@
+"""Re-checks: the best configs of a search, trained again with new seeds, crown the champion.
+
+The best of N noisy trials is biased upwards: on a few hundred validation images one trial's
+accuracy moves by points between seeds. With ``search.recheck: {top_k: K, seeds: S}``, the K
+configs best on the search metric are trained again with S new seeds each, as Ray Train runs
+side by side (at most ``search.max_concurrent_trials`` at a time; Ray queues what does not fit).
+The champion is the config best on the *mean* over its new seeds; its model is the seed best on
+the search metric. Each run is an MLflow run nested under the search's
+(``flyp_ray.kind=recheck``, tagged with the config's trial id and the seed).
+
+Runs are named after the trial and the seed, so a re-check interrupted with its search resumes
+with ``--resume``: finished seeds are read back, unfinished ones continue from their checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import ray
+
+from flyp_ray.config import Config, objectives, with_train
+from flyp_ray.distributed import trainer
+from flyp_ray.errors import first_line
+from flyp_ray.tracking import runs
+
+log = logging.getLogger(__name__)
+
+KIND = "recheck"  # flyp_ray.kind of a re-check run
+SEED_TAG = "flyp_ray.seed"
+FOLDER = "recheck"  # the re-checks' Ray Train runs, inside the search's folder
+
+Record = Mapping[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Seeded:
+    """One re-check run: a config of the search, with a new seed."""
+
+    trial_id: str
+    params: dict[str, Any]
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"recheck-{self.trial_id}-seed{self.seed}"
+
+
+def top_records(cfg: Config, records: Sequence[Record], k: int) -> list[Record]:
+    """The ``k`` trials best on the search metric (those that reported it), best first."""
+    metric, mode = objectives(cfg.search)[0][0], objectives(cfg.search)[1][0]
+    scored = [r for r in records if metric in r["metrics"]]
+    return sorted(scored, key=lambda r: r["metrics"][metric], reverse=mode == "max")[:k]
+
+
+def plan(cfg: Config, records: Sequence[Record]) -> list[Seeded]:
+    """The runs of the re-check: each of the top configs with seeds it was not trained with."""
+    assert cfg.search.recheck is not None
+    runs_: list[Seeded] = []
+    for record in top_records(cfg, records, cfg.search.recheck.top_k):
+        params = dict(record["params"])
+        first = int(params.get("seed", cfg.train.seed))
+        runs_ += [Seeded(record["trial_id"], params, first + i)
+                  for i in range(1, cfg.search.recheck.seeds + 1)]
+    return runs_
+
+
+def train_seeded(cfg: Config, seeded: Seeded, parent_run_id: str,
+                 storage: str) -> dict[str, Any]:
+    """One re-check run (a Ray task): its selected epoch's metrics, or the error that ended it."""
+    seed_cfg = dataclasses.replace(with_train(cfg, **{**seeded.params, "seed": seeded.seed}),
+                                   storage=storage)
+    tags = {runs.KIND_TAG: KIND, runs.TRIAL_TAG: seeded.trial_id, SEED_TAG: str(seeded.seed)}
+    started = time.monotonic()
+    try:
+        outcome = trainer.train(seed_cfg, name=seeded.name, parent_run_id=parent_run_id,
+                                tags=tags)
+    except Exception as err:  # noqa: BLE001 - one failed seed must not cost the others
+        log.error("re-check %s failed: %s", seeded.name, first_line(err))
+        return {"error": first_line(err), "seconds": time.monotonic() - started}
+    return {"metrics": outcome.metrics, "mlflow_run_id": outcome.mlflow_run_id,
+            "checkpoint": outcome.checkpoint, "seconds": time.monotonic() - started}
+
+
+def run_all(cfg: Config, planned: Sequence[Seeded], parent_run_id: str,
+            storage: str) -> list[dict[str, Any]]:
+    """Every planned run, at most ``max_concurrent_trials`` at a time; results in plan order.
+
+    Each run is driven by a Ray task of its own that reserves no CPU (its workers reserve
+    theirs) and whose process exits when done, as ``compare`` runs its methods.
+    """
+    task = ray.remote(num_cpus=0, max_retries=0, max_calls=1)(train_seeded)
+    results: dict[ray.ObjectRef, int] = {}
+    done: dict[int, dict[str, Any]] = {}
+    queue = list(enumerate(planned))
+    while queue or results:
+        while queue and len(results) < cfg.search.max_concurrent_trials:
+            index, seeded = queue.pop(0)
+            results[task.remote(cfg, seeded, parent_run_id, storage)] = index
+        ready, _ = ray.wait(list(results), num_returns=1)
+        for ref in ready:
+            index = results.pop(ref)
+            done[index] = _result(ref)
+    return [done[i] for i in range(len(planned))]
+
+
+def _result(ref: ray.ObjectRef) -> dict[str, Any]:
+    try:
+        result: dict[str, Any] = ray.get(ref)
+        return result
+    except ray.exceptions.RayError as err:  # the task's process died
+        return {"error": first_line(err)}
+
+
+def summarise(cfg: Config, planned: Sequence[Seeded],
+              results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Per config: its seeds, the mean and standard deviation of every metric over the seeds
+    that finished, and each seed's run. Configs in the order of the plan (best trial first)."""
+    by_trial: dict[str, list[tuple[Seeded, Mapping[str, Any]]]] = {}
+    for seeded, result in zip(planned, results, strict=True):
+        by_trial.setdefault(seeded.trial_id, []).append((seeded, result))
+    out = []
+    for trial_id, pairs in by_trial.items():
+        finished = [r["metrics"] for _, r in pairs if "metrics" in r]
+        mean, std = _mean_std(finished)
+        out.append({
+            "trial_id": trial_id,
+            "config": pairs[0][0].params,
+            "seeds": [s.seed for s, _ in pairs],
+            "mean": mean,
+            "std": std,
+            "runs": [_run_entry(cfg, s, r) for s, r in pairs],
+        })
+    return out
+
+
+def _run_entry(cfg: Config, seeded: Seeded, result: Mapping[str, Any]) -> dict[str, Any]:
+    """A seed's run in the summary: where it is, and its values of the search's objectives."""
+    entry: dict[str, Any] = {"seed": seeded.seed, **{k: v for k, v in result.items()
+                                                      if k != "metrics"}}
+    if "metrics" in result:
+        entry["metrics"] = {m: result["metrics"][m] for m in objectives(cfg.search)[0]
+                            if m in result["metrics"]}
+    return entry
+
+
+def _mean_std(finished: Sequence[Mapping[str, float]]) -> tuple[dict[str, float],
+                                                                dict[str, float]]:
+    """Mean and (sample) standard deviation of each metric every finished seed reported."""
+    if not finished:
+        return {}, {}
+    shared = set.intersection(*(set(m) for m in finished))
+    mean = {k: sum(m[k] for m in finished) / len(finished) for k in sorted(shared)}
+    std = {k: (math.sqrt(sum((m[k] - mean[k]) ** 2 for m in finished) / (len(finished) - 1))
+               if len(finished) > 1 else 0.0) for k in mean}
+    return mean, std
+
+
+def champion(cfg: Config, rechecked: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """The re-checked config best on the mean of the search metric."""
+    metric, mode = objectives(cfg.search)[0][0], objectives(cfg.search)[1][0]
+    scored = [r for r in rechecked if metric in r["mean"]]
+    if not scored:
+        return None
+    sign = 1.0 if mode == "max" else -1.0
+    return max(scored, key=lambda r: sign * r["mean"][metric])
+
+
+def best_seed(cfg: Config, config: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The champion config's run best on the search metric: the model that is registered."""
+    metric, mode = objectives(cfg.search)[0][0], objectives(cfg.search)[1][0]
+    sign = 1.0 if mode == "max" else -1.0
+    finished = [r for r in config["runs"] if metric in r.get("metrics", {})]
+    return max(finished, key=lambda r: sign * r["metrics"][metric])
+
+
+def recheck(cfg: Config, records: Sequence[Record], parent_run_id: str,
+            search_path: str) -> list[dict[str, Any]]:
+    """Run the re-check of a search's ``records``; its per-config summary, best trial first."""
+    planned = plan(cfg, records)
+    log.info("re-check: %d config(s) x %d seed(s)", len(planned) // max(1, _seeds(cfg)),
+             _seeds(cfg))
+    results = run_all(cfg, planned, parent_run_id, f"{search_path}/{FOLDER}")
+    return summarise(cfg, planned, results)
+
+
+def _seeds(cfg: Config) -> int:
+    return cfg.search.recheck.seeds if cfg.search.recheck is not None else 0
