@@ -143,7 +143,7 @@ DERIVED: dict[str, Reference] = {
 ALL_SETS = REFERENCE | DERIVED
 # Where a shipped file departs from the table on purpose: (data set, field) -> (value, why).
 DEPARTURES: dict[tuple[str, str], tuple[Any, str]] = {
-    **{(name, "precision"): ("bf16", "bf16 autocast on a GPU: about twice the speed; "
+    **{(name, "precision"): ("bf16", "bf16 autocast on a GPU, for speed; "
                                      "--set precision=fp32 trains as the reference")
        for name in ALL_SETS},
     **{(name, "repeats"): (10, "50 draws make one trial 50 runs; --set repeats=50 is FLYP's")
