@@ -14,7 +14,7 @@ import math
 import re
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
@@ -39,6 +39,7 @@ SchedulerType = Literal["none", "asha", "hyperband"]
 SamplerType = Literal["tpe", "random", "cmaes", "nsga2", "gp"]
 Mode = Literal["max", "min"]
 CacheKind = Literal["none", "memory", "disk"]
+Recipe = Literal["flyp", "clip"]
 
 SPLITS = ("train", "id_val", "id_test", "ood_val", "ood_test")
 # Methods that train an image tower with a linear head (cross-entropy), not CLIP's two towers.
@@ -53,11 +54,20 @@ class TrainConfig:
     epochs: int = 10  # an epoch is one pass over the training images
     batch_size: int = 256  # global batch over all workers of a trial
     lr: float = 1.0e-5  # peak learning rate, reached after warm-up
-    weight_decay: float = 0.1  # AdamW; never applied to gains, biases or the logit scale
+    weight_decay: float = 0.1  # AdamW's decoupled decay; on which parameters: decay_gains_biases
     temperature: float | None = None  # None keeps the pretrained logit scale; else 1/logit_scale
     learn_temperature: bool = True  # CLIP learns its temperature; FLYP keeps doing so
     warmup_steps: int = 500  # linear warm-up in optimizer steps
-    min_lr: float = 0.0  # floor of the cosine schedule (a floor, not an offset)
+    min_lr: float = 0.0  # floor of the cosine schedule (the reference adds it: docs/FIDELITY.md)
+    # The optimisation recipe (docs/FIDELITY.md). Each null field below takes its value from
+    # RECIPES[recipe]: "flyp" is the FLYP reference's (torch's AdamW defaults, decay on every
+    # parameter, no clamp), "clip" open_clip's pre-training recipe. Set a field to override it.
+    recipe: Recipe = "flyp"
+    adam_beta1: float | None = None  # flyp 0.9, clip 0.9
+    adam_beta2: float | None = None  # flyp 0.999, clip 0.98
+    adam_eps: float | None = None  # flyp 1e-8, clip 1e-6
+    decay_gains_biases: bool | None = None  # decay 1-d params, biases, logit scale too? flyp yes
+    max_logit_scale: float | None = None  # clamp exp(logit_scale) after each step: clip 100
     grad_clip: float | None = None  # max global gradient norm; None: no clipping
     precision: Precision = "fp32"  # autocast dtype; fp16 also scales the loss
     seed: int = 0  # seeds torch, numpy, Python, the sampler and the prompt draw
@@ -74,6 +84,42 @@ class TrainConfig:
     wiseft_alphas: list[float] | None = None  # WiSE-FT: evaluate these mixes after the run
     k_shot: int | None = None  # train on K images per class, drawn with the seed
     repeats: int = 1  # few-shot: train on this many draws; report their mean and std
+
+
+# The two optimisation recipes, by the TrainConfig fields they fill when those are null.
+# flyp: the FLYP reference (locuslab/FLYP src/models/flyp_loss.py: torch.optim.AdamW(params,
+#   lr, weight_decay=wd) over every trainable parameter; the logit scale is learned, unclamped).
+# clip: open_clip's pre-training (open_clip_train/main.py and train.py: betas 0.9/0.98, eps 1e-6
+#   for ViTs, no decay on gains, biases and the logit scale, which is clamped at 100).
+# One named preset, not five fields to copy: `--set recipe=clip` switches the whole recipe, and a
+# field set (or searched) on its own still wins. The table lives here rather than beside the
+# optimizer because the range checks (a temperature the clamp would undo) and the MLflow params
+# (the values a run actually used, via ``resolve_recipe``) need it, and both sit below finetune/.
+RECIPES: dict[str, dict[str, Any]] = {
+    "flyp": {"adam_beta1": 0.9, "adam_beta2": 0.999, "adam_eps": 1e-8,
+             "decay_gains_biases": True, "max_logit_scale": None},
+    "clip": {"adam_beta1": 0.9, "adam_beta2": 0.98, "adam_eps": 1e-6,
+             "decay_gains_biases": False, "max_logit_scale": 100.0},
+}
+RECIPE_FIELDS = tuple(RECIPES["flyp"])
+
+# A temperature under 0.001 (a logit scale over 1000) makes the softmax over cosine similarities
+# a hard max, so the loss teaches through the hardest negative only; over 10 (a scale under 0.1)
+# it is nearly uniform. Without a clamp (the FLYP default) a learned scale may pass CLIP's 100,
+# so the bounds are not tied to that cap; with a clamp the temperature must be one it allows.
+MIN_TEMPERATURE = 1e-3
+MAX_TEMPERATURE = 10.0
+
+
+def resolve_recipe(train: TrainConfig) -> TrainConfig:
+    """``train`` with each null recipe field filled from ``RECIPES[train.recipe]``.
+
+    What the optimizer and the clamp use, and what MLflow records. Resolving twice changes
+    nothing: a resolved config run again is the same run.
+    """
+    preset = RECIPES[train.recipe]
+    filled = {name: preset[name] for name in RECIPE_FIELDS if getattr(train, name) is None}
+    return dataclasses.replace(train, **filled) if filled else train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -396,10 +442,14 @@ def check_train(train: TrainConfig, source: str, prefix: str = "train") -> None:
     _check(train.warmup_steps >= 0, source, k("warmup_steps"), train.warmup_steps, "must be >= 0")
     _check(0 <= train.min_lr <= train.lr, source, k("min_lr"), train.min_lr,
            f"must be between 0 and lr ({train.lr})")
+    _check_recipe(train, source, k)
     if train.temperature is not None:
-        # CLIP clamps its logit scale at 100, so a temperature under 0.01 could never be reached.
-        _check(0.01 <= train.temperature <= 10, source, k("temperature"), train.temperature,
-               "must be between 0.01 and 10 (CLIP caps the logit scale at 100)")
+        _check(MIN_TEMPERATURE <= train.temperature <= MAX_TEMPERATURE, source, k("temperature"),
+               train.temperature, f"must be between {MIN_TEMPERATURE:g} and {MAX_TEMPERATURE:g}")
+        bound = resolve_recipe(train).max_logit_scale
+        if bound is not None:  # the clamp would undo a lower temperature at the first step
+            _check(train.temperature >= 1 / bound, source, k("temperature"), train.temperature,
+                   f"must be >= {1 / bound:g} (1 / max_logit_scale {bound:g})")
     if train.grad_clip is not None:
         _check(train.grad_clip > 0, source, k("grad_clip"), train.grad_clip, "must be > 0")
     _check(bool(train.lp_l2) and all(v >= 0 for v in train.lp_l2), source, k("lp_l2"),
@@ -417,6 +467,20 @@ def check_train(train: TrainConfig, source: str, prefix: str = "train") -> None:
         _check(bool(train.eval_splits) and all(s in allowed for s in train.eval_splits), source,
                k("eval_splits"), train.eval_splits,
                f"must be a non-empty list of {', '.join(SPLITS[1:])}, ood_test/<ood set>")
+
+
+def _check_recipe(train: TrainConfig, source: str, k: Callable[[str], str]) -> None:
+    """The recipe fields a config sets itself (a null one takes the recipe's valid value)."""
+    for name in ("adam_beta1", "adam_beta2"):
+        value = getattr(train, name)
+        if value is not None:
+            _check(0 <= value < 1, source, k(name), value, "must be >= 0 and < 1")
+    if train.adam_eps is not None:
+        _check(train.adam_eps > 0, source, k("adam_eps"), train.adam_eps, "must be > 0")
+    if train.max_logit_scale is not None:
+        # The clamp keeps the log scale >= 0 too (as open_clip's does), so the bound is >= 1.
+        _check(1 <= train.max_logit_scale <= 1 / MIN_TEMPERATURE, source, k("max_logit_scale"),
+               train.max_logit_scale, f"must be between 1 and {1 / MIN_TEMPERATURE:g}, or null")
 
 
 def _check_space(search: SearchConfig, source: str) -> None:
@@ -729,5 +793,7 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 
 def train_params(train: TrainConfig) -> dict[str, Any]:
-    """The flat TrainConfig as MLflow params (None written as 'null')."""
-    return {k: ("null" if v is None else v) for k, v in dataclasses.asdict(train).items()}
+    """The flat TrainConfig as MLflow params (None written as 'null'), recipe resolved: a run
+    shows the betas, eps, decay rule and clamp it trained with, not the nulls that chose them."""
+    resolved = dataclasses.asdict(resolve_recipe(train))
+    return {k: ("null" if v is None else v) for k, v in resolved.items()}

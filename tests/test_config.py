@@ -49,7 +49,15 @@ def test_quoted_number_is_refused_with_a_hint(tmp_path: Path) -> None:
     ("train: {epochs: 2.5}\n", "train.epochs", "2.5"),
     ("train: {lr: -1.0}\n", "train.lr", "-1.0"),
     ("train: {precision: fp8}\n", "train.precision", "fp8"),
-    ("train: {temperature: 0.001}\n", "train.temperature", "0.001"),
+    ("train: {temperature: 0.0005}\n", "train.temperature", "0.0005"),
+    ("train: {recipe: clip, temperature: 0.005}\n", "train.temperature", "max_logit_scale 100"),
+    ("train: {max_logit_scale: 50.0, temperature: 0.01}\n", "train.temperature", "0.01"),
+    ("train: {recipe: adam}\n", "train.recipe", "'adam'"),
+    ("train: {adam_beta2: 1.0}\n", "train.adam_beta2", "1.0"),
+    ("train: {adam_beta1: -0.1}\n", "train.adam_beta1", "-0.1"),
+    ("train: {adam_eps: 0.0}\n", "train.adam_eps", "0.0"),
+    ("train: {max_logit_scale: 0.5}\n", "train.max_logit_scale", "0.5"),
+    ("train: {decay_gains_biases: 'no'}\n", "train.decay_gains_biases", "'no'"),
     ("train: {min_lr: 1.0}\n", "train.min_lr", "1.0"),
     ("search: {space: {lr: {type: float, low: 1.0, high: 0.1}}}\n", "search.space.lr.low", "1.0"),
     ("search: {space: {lr: {type: float, low: 0.0, high: 0.1, log: true}}}\n",
@@ -109,3 +117,46 @@ search:
 """)
     assert cfg.search.space["lr"].low == 1e-6
     assert cfg.search.space["batch_size"].choices == [16, 32]
+
+
+def test_recipe_defaults_are_the_flyp_references(tmp_path: Path) -> None:
+    train = config.resolve_recipe(load_text(tmp_path, "").train)
+    assert train.recipe == "flyp"
+    assert (train.adam_beta1, train.adam_beta2, train.adam_eps) == (0.9, 0.999, 1e-8)
+    assert train.decay_gains_biases is True and train.max_logit_scale is None
+
+
+def test_one_setting_switches_to_clips_recipe_and_a_set_field_wins(tmp_path: Path) -> None:
+    train = config.resolve_recipe(load_text(tmp_path, "", "recipe=clip").train)
+    assert (train.adam_beta1, train.adam_beta2, train.adam_eps) == (0.9, 0.98, 1e-6)
+    assert train.decay_gains_biases is False and train.max_logit_scale == 100.0
+    mixed = load_text(tmp_path, "train: {recipe: clip, adam_eps: 1e-8}\n").train
+    assert config.resolve_recipe(mixed).adam_eps == 1e-8
+    assert config.resolve_recipe(mixed).adam_beta2 == 0.98
+    # Resolving is idempotent: the resolved values, run again, are the same run.
+    assert config.resolve_recipe(train) == train
+
+
+def test_a_search_may_vary_the_recipe(tmp_path: Path) -> None:
+    cfg = load_text(tmp_path, """
+search:
+  space:
+    recipe: {type: categorical, choices: [flyp, clip]}
+    adam_beta2: {type: float, low: 0.95, high: 0.999}
+""")
+    trial = config.with_train(cfg, recipe="clip", adam_beta2=0.97)
+    assert config.resolve_recipe(trial.train).max_logit_scale == 100.0
+    assert config.resolve_recipe(trial.train).adam_beta2 == 0.97
+
+
+def test_mlflow_params_show_the_effective_recipe(tmp_path: Path) -> None:
+    params = config.train_params(load_text(tmp_path, "", "recipe=clip").train)
+    assert (params["recipe"], params["adam_beta2"], params["adam_eps"]) == ("clip", 0.98, 1e-6)
+    assert params["decay_gains_biases"] is False and params["max_logit_scale"] == 100.0
+    flyp = config.train_params(load_text(tmp_path, "").train)
+    assert flyp["adam_beta2"] == 0.999 and flyp["max_logit_scale"] == "null"  # no clamp
+
+
+def test_temperatures_past_clips_cap_are_allowed_without_a_clamp(tmp_path: Path) -> None:
+    assert load_text(tmp_path, "train: {temperature: 0.005}\n").train.temperature == 0.005
+    assert load_text(tmp_path, "train: {recipe: clip, temperature: 0.01}\n").train.recipe == "clip"

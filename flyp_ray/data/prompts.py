@@ -19,13 +19,13 @@ from flyp_ray.errors import ConfigError
 TEMPLATES: dict[str, tuple[str, ...]] = {
     # FLYP's and WiSE-FT's two iWildCam prompts, unchanged, so results compare with the paper.
     "iwildcam": ("a photo of {}.", "{} in the wild."),
-    # WiSE-FT's FMoW prompts (its article-agnostic variants written out without an article).
+    # FLYP's (and WiSE-FT's) 16 FMoW prompts. Two of them put "a" or "an" before the class
+    # name, whichever fits it; a "{}" template cannot choose, so they go without (FIDELITY.md).
     "fmow": (
         "satellite photo of a {}.",
         "aerial photo of a {}.",
         "satellite photo of {}.",
         "aerial photo of {}.",
-        "satellite view of a {}.",
         "satellite photo of a {} in asia.",
         "aerial photo of a {} in asia.",
         "satellite photo of a {} in africa.",

@@ -185,8 +185,9 @@ def evaluate_splits(model: torch.nn.Module, head: torch.Tensor, splits: Iterable
 def ood_averages(metrics: dict[str, float], ood_sets: Sequence[str]) -> dict[str, float]:
     """``ood_test/<name>``: the mean of ``<set>/<name>`` over the OOD set splits ``ood_sets``.
 
-    Only the OOD sets count, never an ID split (the FLYP reference code's average included
-    ImageNet itself), and only metrics that every set has.
+    Only the OOD sets count, never an ID split, and only metrics that every set has. The FLYP
+    reference's "Avg OOD Acc" (flyp_loss.py) averages every evaluated set but the one named
+    "ImageNet": right for ImageNet, but on iWildCam or FMoW it averages the ID splits in too.
     """
     if not ood_sets:
         return {}

@@ -59,7 +59,8 @@ def loss_step(run: Run, images: torch.Tensor, labels: torch.Tensor,
 
 
 def optimizer_step(run: Run, loss: torch.Tensor) -> None:
-    """Backward, optional clipping, step, schedule, and CLIP's logit-scale clamp."""
+    """Backward, optional clipping, step, schedule, and the recipe's logit-scale clamp (none in
+    FLYP's, at 100 in CLIP's)."""
     state = run.state
     state.optimizer.zero_grad(set_to_none=True)
     state.scaler.scale(loss).backward()
@@ -69,7 +70,7 @@ def optimizer_step(run: Run, loss: torch.Tensor) -> None:
     state.scaler.step(state.optimizer)
     state.scaler.update()
     state.scheduler.step()
-    clamp_logit_scale(unwrap(run.model))
+    clamp_logit_scale(unwrap(run.model), run.train.max_logit_scale)
 
 
 def all_finite(loss: torch.Tensor, world_size: int) -> bool:

@@ -150,7 +150,14 @@ def apply_temperature(model: torch.nn.Module, train: TrainConfig) -> None:
     logit_scale.requires_grad_(train.learn_temperature)
 
 
-def clamp_logit_scale(model: torch.nn.Module) -> None:
-    """Clamp as CLIP does after every step: a logit scale of at most 100 (temperature >= 0.01)."""
+def clamp_logit_scale(model: torch.nn.Module, max_scale: float | None) -> None:
+    """Clamp as CLIP's pre-training does after every step: ``1 <= exp(logit_scale) <= max_scale``.
+
+    ``max_scale`` None (the FLYP reference's finetuning) leaves the scale alone: FLYP learns the
+    temperature freely, and OpenAI's CLIP starts *at* CLIP's cap of 100, so a clamp there could
+    only ever lower it.
+    """
+    if max_scale is None:
+        return
     with torch.no_grad():
-        model.logit_scale.clamp_(0, math.log(100))  # type: ignore[operator]
+        model.logit_scale.clamp_(0, math.log(max_scale))  # type: ignore[operator]

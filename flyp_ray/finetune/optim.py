@@ -1,39 +1,68 @@
 """The optimizer and learning-rate schedule of a run: AdamW, linear warm-up, cosine decay.
 
-Everything that decides a parameter update besides the loss lives here, so the recipe can be
-read (and compared with the FLYP reference's) in one place.
+Everything that decides a parameter update besides the loss lives here (and the logit-scale
+clamp, :func:`flyp_ray.finetune.model.clamp_logit_scale`), so the recipe can be read, and
+compared with the FLYP reference's, in one place: ``train.recipe`` and its fields
+(:data:`flyp_ray.config.RECIPES`), docs/FIDELITY.md, tests/finetune/test_recipe.py.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
-from flyp_ray.config import TrainConfig
+from flyp_ray.config import TrainConfig, resolve_recipe
 from flyp_ray.finetune.checkpoint import TrainingState
 from flyp_ray.finetune.evaluate import unwrap
 
 
+def is_gain_or_bias(name: str, param: torch.nn.Parameter) -> bool:
+    """open_clip's exclusion rule: 1-d parameters, biases, norm layers and the logit scale."""
+    return (param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name
+            or "logit_scale" in name)
+
+
+def param_groups(model: torch.nn.Module, train: TrainConfig) -> list[dict[str, Any]]:
+    """The trainable parameters, with the weight decay each group gets under ``train``'s recipe.
+
+    The FLYP reference decays every trainable parameter (one group, as its ``AdamW(params, ...)``
+    call does); CLIP's recipe exempts gains, biases and the logit scale.
+    """
+    named = [(n, p) for n, p in unwrap(model).named_parameters() if p.requires_grad]
+    if resolve_recipe(train).decay_gains_biases:
+        return [{"params": [p for _, p in named], "weight_decay": train.weight_decay}]
+    return [{"params": [p for n, p in named if is_gain_or_bias(n, p)], "weight_decay": 0.0},
+            {"params": [p for n, p in named if not is_gain_or_bias(n, p)],
+             "weight_decay": train.weight_decay}]
+
+
 def build_optimizer(model: torch.nn.Module, train: TrainConfig,
                     device: torch.device) -> torch.optim.AdamW:
-    """AdamW over every trainable parameter; no weight decay on gains, biases and logit scale."""
-    decay: list[torch.nn.Parameter] = []
-    no_decay: list[torch.nn.Parameter] = []
-    for name, param in unwrap(model).named_parameters():
-        if not param.requires_grad:
-            continue
-        # CLIP's recipe: decaying 1-d parameters (norm gains, biases) or the temperature hurts.
-        exempt = param.ndim < 2 or "logit_scale" in name or "bias" in name
-        (no_decay if exempt else decay).append(param)
-    groups = [{"params": decay, "weight_decay": train.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=train.lr, betas=(0.9, 0.98), eps=1e-6,
+    """AdamW over every trainable parameter, with the betas, eps and decay of ``train.recipe``.
+
+    Every method uses it: the reference's FLYP, its CE ablation and WiSE-FT's finetuning all
+    make the same ``torch.optim.AdamW(params, lr=lr, weight_decay=wd)`` call.
+    """
+    recipe = resolve_recipe(train)
+    assert recipe.adam_beta1 is not None and recipe.adam_beta2 is not None  # for mypy: resolved
+    assert recipe.adam_eps is not None
+    # fused: one CUDA kernel for the whole update; the reference's default (foreach) computes the
+    # same update, and may differ from it in the last bits.
+    return torch.optim.AdamW(param_groups(model, train), lr=train.lr,
+                             betas=(recipe.adam_beta1, recipe.adam_beta2), eps=recipe.adam_eps,
                              fused=device.type == "cuda")
 
 
 def lr_factor(step: int, train: TrainConfig, total_steps: int) -> float:
-    """Linear warm-up to ``lr``, then cosine decay, never below ``min_lr`` (as a factor of lr)."""
+    """Linear warm-up to ``lr``, then cosine decay, never below ``min_lr`` (as a factor of lr).
+
+    The reference's ``cosine_lr`` (src/models/utils.py) has the same warm-up and cosine but
+    *adds* ``min_lr`` to the cosine, so its rate ends at ``min_lr`` and peaks at ``lr + min_lr``
+    right after warm-up. Here ``min_lr`` is a floor: the peak is ``lr`` as configured. With
+    ``min_lr`` 0 (the reference's default and every command in its README) the two agree.
+    """
     if step < train.warmup_steps:
         return (step + 1) / train.warmup_steps
     decay_steps = max(1, total_steps - train.warmup_steps)

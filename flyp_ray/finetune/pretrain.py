@@ -34,10 +34,11 @@ from typing import Any
 
 import torch
 
-from flyp_ray.config import ModelConfig
+from flyp_ray.config import ModelConfig, TrainConfig, resolve_recipe
 from flyp_ray.data import synthetic
 from flyp_ray.finetune.loss import FlypLoss
 from flyp_ray.finetune.model import clamp_logit_scale, load_model, tiny_config_path
+from flyp_ray.finetune.optim import build_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,9 @@ BATCH_SIZE = 128  # pairs per step: the contrastive loss sees 127 negatives per 
 LR = 2e-3  # AdamW peak; a tiny model from random weights wants a large step
 WEIGHT_DECAY = 0.1
 WARMUP_STEPS = 20
+# This *is* CLIP pre-training, so it keeps CLIP's recipe (betas 0.9/0.98, eps 1e-6, no decay on
+# gains and biases, logit scale clamped at 100) whatever finetuning's default is.
+RECIPE = resolve_recipe(TrainConfig(recipe="clip", lr=LR, weight_decay=WEIGHT_DECAY))
 POOL_SIZE = 3072  # caption images, drawn once and reused across steps
 OOD_SHARE = 0.1  # of the pool on dark noisy or striped backgrounds
 # The data set itself uses seed 0; this one gives other images of the same kinds.
@@ -106,7 +110,7 @@ def train(*, steps: int, seed: int) -> torch.nn.Module:
     start = time.perf_counter()
     images, tokens = caption_pool(loaded.preprocess_eval, loaded.tokenizer)
     log.info("caption pool: %d images in %.1f s", len(images), time.perf_counter() - start)
-    optimizer = _optimizer(model)
+    optimizer = build_optimizer(model, RECIPE, torch.device("cpu"))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, steps))
     loss_fn = FlypLoss()  # "negative": the plain CLIP loss
     generator = torch.Generator().manual_seed(seed)
@@ -118,7 +122,7 @@ def train(*, steps: int, seed: int) -> torch.nn.Module:
         loss.backward()
         optimizer.step()
         schedule.step()
-        clamp_logit_scale(model)
+        clamp_logit_scale(model, RECIPE.max_logit_scale)
         if step % LOG_EVERY == 0 or step == steps:
             log.info("pretrain step %d/%d: loss %.3f, temperature %.4f", step, steps,
                      loss.item(), 1.0 / float(model.logit_scale.exp()))  # type: ignore[operator]
@@ -164,18 +168,6 @@ def _batches(pool: int, steps: int, generator: torch.Generator) -> Iterator[torc
             order, at = torch.randperm(pool, generator=generator), 0
         yield order[at:at + BATCH_SIZE]
         at += BATCH_SIZE
-
-
-def _optimizer(model: torch.nn.Module) -> torch.optim.AdamW:
-    decay: list[torch.nn.Parameter] = []
-    no_decay: list[torch.nn.Parameter] = []
-    for name, param in model.named_parameters():
-        # CLIP's recipe: no decay on gains, biases and the temperature.
-        exempt = param.ndim < 2 or "logit_scale" in name or "bias" in name
-        (no_decay if exempt else decay).append(param)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY},
-                              {"params": no_decay, "weight_decay": 0.0}],
-                             lr=LR, betas=(0.9, 0.98), eps=1e-6)
 
 
 def _lr_factor(step: int, steps: int) -> float:

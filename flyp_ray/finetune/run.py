@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from flyp_ray.config import CLASSIFIER_METHODS, Config, TrainConfig
+from flyp_ray.config import CLASSIFIER_METHODS, Config, TrainConfig, resolve_recipe
 from flyp_ray.data import fewshot
 from flyp_ray.data.base import Data
 from flyp_ray.data.load import load_data
@@ -86,7 +86,7 @@ class Run:
     model: torch.nn.Module  # the CLIP model, possibly wrapped in DistributedDataParallel
     data: Data
     tokenizer: Callable[..., torch.Tensor]
-    train: TrainConfig
+    train: TrainConfig  # recipe resolved (config.resolve_recipe): no null recipe fields
     loader: DataLoader  # the training split, already sharded across workers
     loss_fn: FlypLoss
     state: TrainingState
@@ -118,7 +118,11 @@ def apply_speed_options(model: torch.nn.Module, train: TrainConfig) -> None:
 def make_run(model: torch.nn.Module, data: Data, tokenizer: Callable[..., torch.Tensor],
              train: TrainConfig, loader: DataLoader, device: torch.device, *, rank: int = 0,
              world_size: int = 1, eval_workers: int = 0) -> Run:
-    """Assemble a Run: loss with the distributed context, prompt tokens, optimizer state."""
+    """Assemble a Run: loss with the distributed context, prompt tokens, optimizer state.
+
+    The run keeps ``train`` with its recipe resolved: the loop reads the effective clamp there.
+    """
+    train = resolve_recipe(train)
     apply_speed_options(model, train)
     loss_fn = FlypLoss(train.same_class, local_loss=train.local_loss, rank=rank,
                        world_size=world_size)

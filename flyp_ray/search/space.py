@@ -8,6 +8,7 @@ here, before Ray starts, so that a trial never fails on a value the space itself
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -28,6 +29,7 @@ from flyp_ray.errors import ConfigError
 log = logging.getLogger(__name__)
 
 Point = dict[str, Any]
+MAX_CORNERS = 4096  # a larger space has its ends checked one dimension at a time only
 
 
 def distribution(name: str, spec: ParamSpec, source: str) -> BaseDistribution:
@@ -79,12 +81,31 @@ def _spec_text(spec: ParamSpec) -> str:
 
 
 def distributions(cfg: Config) -> dict[str, BaseDistribution]:
-    """All of ``search.space`` as Optuna distributions, each end and choice checked as a value."""
+    """All of ``search.space`` as Optuna distributions, each end and choice checked as a value,
+    then every corner of the space as a whole."""
     space = {name: distribution(name, spec, cfg.source) for name, spec in cfg.search.space.items()}
     for name, dist in space.items():
         for label, value in _probes(dist):
             _check_value(cfg, name, label, value)
+    _check_corners(cfg, space)
     return space
+
+
+def _check_corners(cfg: Config, space: Mapping[str, BaseDistribution]) -> None:
+    """Ends that pass alone may clash together: a temperature under the clamp that a searched
+    ``recipe: clip`` brings, a ``min_lr`` above a low ``lr``. Every combination of ends and
+    choices (up to MAX_CORNERS of them) must be a TrainConfig that the range checks accept."""
+    probes = {name: [value for _, value in _probes(dist)] for name, dist in space.items()}
+    if len(probes) < 2 or math.prod(len(v) for v in probes.values()) > MAX_CORNERS:
+        return
+    for combo in itertools.product(*probes.values()):
+        point = dict(zip(probes, combo, strict=True))
+        try:
+            with_train(cfg, **point)
+        except ConfigError as err:
+            where = ", ".join(f"{k}={v!r}" for k, v in point.items())
+            raise ConfigError(cfg.source, "search.space",
+                              f"the corner {where} is refused: {err.key}: {err.problem}") from None
 
 
 def _probes(dist: BaseDistribution) -> list[tuple[str, Any]]:

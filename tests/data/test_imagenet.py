@@ -332,13 +332,10 @@ def test_eval_splits_must_hold_every_set_the_search_metric_averages() -> None:
     assert config.from_dict(raw, SRC).train.eval_splits == ["id_val", "ood_test/imagenet_r"]
 
 
-def test_the_shipped_search_space_has_flyps_imagenet_settings(layout: Path) -> None:
+def test_the_shipped_search_space_reads_every_shift_set(layout: Path) -> None:
+    # Its training values are FLYP's ImageNet ones: tests/test_yaml_files.py's table checks them.
     path = REPO / "search_spaces" / "imagenet.yaml"
     cfg = config.load(path, [f"dataset.root={layout / 'imagenet'}"])
-    t = cfg.train
-    assert (cfg.model.arch, cfg.model.pretrained) == ("ViT-B-16", "openai")
-    assert (t.method, t.epochs, t.batch_size, t.lr, t.weight_decay, t.warmup_steps) == (
-        "flyp", 10, 512, 1.0e-5, 0.1, 500)
     assert cfg.dataset.templates == "imagenet" and cfg.dataset.ood_sets == list(OOD_SETS)
     # With ood_root null the shift sets are read next to root: the miniature validates.
     assert "ood_test/objectnet 6), 1000 classes" in load.check_data(cfg.dataset, cfg.source)

@@ -14,6 +14,7 @@ from ray.tune.search.optuna import OptunaSearch
 from flyp_ray import config
 from flyp_ray.errors import ConfigError
 from flyp_ray.search import space as search_space
+from tests.support import REPO
 from tests.support.configs import tiny_config, write_config
 
 
@@ -80,8 +81,8 @@ def test_sampler_by_name(tmp_path: Path, name: str, kind: type) -> None:
      "search.space.lr.step", "cannot be combined with log"),
     ({"warmup_steps": {"type": "int", "low": 0, "high": 10, "step": 2.5}},
      "search.space.warmup_steps.step", "whole number"),
-    ({"temperature": {"type": "float", "low": 0.001, "high": 0.05, "log": True}},
-     "search.space.temperature.low", "between 0.01 and 10"),
+    ({"temperature": {"type": "float", "low": 0.0005, "high": 0.05, "log": True}},
+     "search.space.temperature.low", "between 0.001 and 10"),
     ({"epochs": {"type": "float", "low": 1, "high": 5}},
      "search.space.epochs.low", "expected an integer"),
     ({"method": {"type": "categorical", "choices": ["flyp", "flip"]}},
@@ -96,6 +97,27 @@ def test_space_errors_name_the_key(tmp_path: Path, space: dict[str, Any], key: s
         search_space.distributions(cfg)
     assert err.value.key == key
     assert err.value.source.endswith("c.yaml")
+
+
+def test_clips_recipe_refuses_a_temperature_range_under_its_clamp(tmp_path: Path) -> None:
+    """``--set recipe=clip`` on a shipped file: the temperature range reaches under the clamp's
+    bound, so the search stops before Ray starts rather than failing trial by trial."""
+    path = REPO / "search_spaces" / "iwildcam.yaml"
+    with pytest.raises(ConfigError, match="must be >= 0.01 .1 / max_logit_scale 100.") as err:
+        search_space.distributions(config.load(path, ["dataset.root=/d", "recipe=clip"]))
+    assert err.value.key == "search.space.temperature.low"
+    fixed = ["dataset.root=/d", "recipe=clip", "search.space.temperature.low=0.01"]
+    assert search_space.distributions(config.load(path, fixed))
+
+
+def test_a_corner_that_clashes_across_dimensions_is_refused(tmp_path: Path) -> None:
+    cfg = load(tmp_path, space={
+        "recipe": {"type": "categorical", "choices": ["flyp", "clip"]},
+        "temperature": {"type": "float", "low": 0.005, "high": 0.05, "log": True}})
+    with pytest.raises(ConfigError, match="the corner recipe='clip', temperature=0.005 is "
+                                          "refused: train.temperature: must be >= 0.01") as err:
+        search_space.distributions(cfg)
+    assert err.value.key == "search.space"
 
 
 def test_empty_space_is_refused(tmp_path: Path) -> None:
