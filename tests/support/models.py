@@ -156,6 +156,20 @@ def post_json(url: str, payload: Any, timeout: float = 60) -> tuple[int, Any]:
         return err.code, json.loads(err.read())
 
 
+def probabilities(answer: list[dict[str, Any]], classnames: list[str]) -> np.ndarray:
+    """The ``probabilities`` maps of an answer as an array, columns in ``classnames`` order."""
+    return np.array([[row["probabilities"][c] for c in classnames] for row in answer])
+
+
+def check_answer(answer: list[dict[str, Any]], images: ImageSet, rows: list[int]) -> None:
+    """``answer`` is the eval path's label and probabilities for files ``rows``."""
+    assert [row["label"] for row in answer] == [images.labels[i] for i in rows]
+    expected = images.probabilities[rows]
+    np.testing.assert_allclose(probabilities(answer, images.classnames), expected, atol=1e-5)
+    np.testing.assert_allclose([row["probability"] for row in answer], expected.max(axis=1),
+                               atol=1e-5)
+
+
 def split_request(images: list[str]) -> dict[str, Any]:
     """``dataframe_split``: what MLflow's serving_input_example.json looks like."""
     return {"dataframe_split": {"columns": ["image"], "data": [[image] for image in images]}}
