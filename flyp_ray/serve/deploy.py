@@ -17,7 +17,7 @@ from types import FrameType
 import mlflow
 
 from flyp_ray.distributed import cluster
-from flyp_ray.errors import BadInput
+from flyp_ray.errors import BadInput, FlypRayError, first_line
 from flyp_ray.serve.app import APP_NAME, ServeOptions, application
 from flyp_ray.tracking import registry
 
@@ -49,7 +49,11 @@ def serve_model(options: ServeOptions, *, host: str, port: int, address: str | N
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         serve.start(http_options={"host": host, "port": port})
-        serve.run(application(options), name=APP_NAME, route_prefix="/")
+        try:
+            serve.run(application(options), name=APP_NAME, route_prefix="/")
+        except RuntimeError as err:  # Serve's "Deploying app ... failed": the replicas' error
+            raise FlypRayError(f"{uri} did not start behind Ray Serve: "
+                               f"{first_line(err)}") from None
         print(json.dumps({"model": uri, "url": f"http://{host}:{port}",
                           "replicas": options.replicas}), flush=True)
         log.info("serving %s at http://%s:%d/invocations; Ctrl-C stops", uri, host, port)

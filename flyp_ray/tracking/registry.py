@@ -381,12 +381,13 @@ def serving_uri(uri: str) -> str:
             raise BadInput(f"{uri!r}: not found in {where}: {_first_line(err)}") from None
         uri = f"models:/{name}/{version}"
     try:
-        info = mlflow.models.get_model_info(uri)
+        model = Model.load(str(Path(uri).expanduser()) if Path(uri).expanduser().is_dir()
+                           else uri)
     except (MlflowException, OSError) as err:
         where = runs.redact(mlflow.get_tracking_uri())
         message = _first_line(err) if isinstance(err, MlflowException) else str(err)
         raise BadInput(f"{uri!r}: cannot read its MLmodel in {where}: {message}") from None
-    inputs = info.signature.inputs.input_names() if info.signature is not None else []
+    inputs = model.signature.inputs.input_names() if model.signature is not None else []
     if image_model.COLUMN not in inputs:
         raise BadInput(f"{uri!r} does not take images (inputs: {inputs or 'tensors'}): it was "
                        f"logged before flyp-ray's models did; `flyp-ray eval` still reads it")
