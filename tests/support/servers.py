@@ -40,9 +40,10 @@ def start_mlflow_server(folder: Path, port: int, *extra_args: str,
     return server
 
 
-def start_model_server(command: list[str], log: Path, port: int, env: dict[str, str],
-                       timeout_s: float = 240) -> subprocess.Popen[bytes]:
-    """A model server (``mlflow models serve``, ``flyp-ray serve``) answering /ping.
+def launch_model_server(command: list[str], log: Path,
+                        env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """Start a model server (``mlflow models serve``, ``flyp-ray serve``); returns at once, so
+    that several can start side by side (then :func:`wait_until_healthy` on ``/ping``).
 
     Its own session, so that its whole process group can be stopped; the virtual
     environment's bin/ on PATH (``mlflow models serve`` runs ``uvicorn`` from there).
@@ -50,10 +51,8 @@ def start_model_server(command: list[str], log: Path, port: int, env: dict[str, 
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     env = {**os.environ, "PATH": path, **env}
     env.pop("RAY_ADDRESS", None)  # a local Ray of its own
-    server = subprocess.Popen(command, env=env, stdout=open(log, "a"),
-                              stderr=subprocess.STDOUT, start_new_session=True)
-    wait_until_healthy(server, f"http://127.0.0.1:{port}/ping", log, timeout_s)
-    return server
+    return subprocess.Popen(command, env=env, stdout=open(log, "a"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def wait_until_healthy(server: subprocess.Popen[bytes], url: str, log: Path,

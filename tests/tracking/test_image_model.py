@@ -1,8 +1,8 @@
-"""The logged model takes images: the pyfunc in this process and behind ``mlflow models serve``.
+"""The logged model takes images: the pyfunc, loaded in this process.
 
 One registered model and its PNG/JPEG files for the session (``served_images`` in conftest);
-the labels must be what ``flyp-ray eval``'s code predicts for the same files. The server is
-started once for the module, as a user starts it, and stopped by its PID.
+the labels must be what ``flyp-ray eval``'s code predicts for the same files. Both servers of
+the model (``mlflow models serve`` and ``flyp-ray serve``) are tested in tests/serve.
 """
 
 from __future__ import annotations
@@ -10,8 +10,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +22,7 @@ from PIL import Image
 
 from flyp_ray import cli
 from flyp_ray.tracking import image_model
-from tests.support.models import ImageSet, check_answer, post_json, split_request
-from tests.support.servers import free_port, start_model_server, stop_server
+from tests.support.models import ImageSet, check_answer
 
 # --- in this process -----------------------------------------------------------------------
 
@@ -82,54 +79,3 @@ def test_flyp_ray_eval_agrees_with_the_labels(served_images: ImageSet,
     out = capsys.readouterr().out.strip().splitlines()[-1]
     assert code == 0
     assert json.loads(out)["metrics"]["id_val/acc"] == 1.0
-
-
-# --- mlflow models serve -------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def mlflow_models_serve(served_images: ImageSet, tmp_path_factory: pytest.TempPathFactory
-                        ) -> Iterator[str]:
-    """``mlflow models serve -m models:/flyp-served@champion --env-manager local``."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("models-serve") / "server.log"
-    mlflow_cli = str(Path(sys.executable).with_name("mlflow"))
-    server = start_model_server(
-        [mlflow_cli, "models", "serve", "-m", served_images.uri, "--env-manager", "local",
-         "-h", "127.0.0.1", "-p", str(port)],
-        log, port, env={"MLFLOW_TRACKING_URI": served_images.tracking_uri})
-    yield f"http://127.0.0.1:{port}"
-    stop_server(server)
-
-
-@pytest.mark.slow
-def test_mlflow_models_serve_answers_with_class_names(mlflow_models_serve: str,
-                                                      served_images: ImageSet) -> None:
-    url = f"{mlflow_models_serve}/invocations"
-    b64 = served_images.b64()
-    rows = list(range(len(b64)))
-    status, answer = post_json(url, split_request(b64))  # a batch: 4 PNG, 4 JPEG
-    assert status == 200, answer
-    check_answer(answer["predictions"], served_images, rows)
-    status, answer = post_json(url, {"dataframe_records": [{"image": b64[6]}, {"image": b64[1]}]})
-    assert status == 200, answer
-    check_answer(answer["predictions"], served_images, [6, 1])
-    status, answer = post_json(url, {"inputs": {"image": [b64[3]]}})
-    assert status == 200, answer
-    check_answer(answer["predictions"], served_images, [3])
-
-
-@pytest.mark.slow
-def test_mlflow_models_serve_bad_row_is_a_400_naming_it(mlflow_models_serve: str,
-                                                        served_images: ImageSet) -> None:
-    url = f"{mlflow_models_serve}/invocations"
-    b64 = served_images.b64()
-    not_an_image = base64.b64encode(b"GIF89a? no, just text").decode()
-    status, answer = post_json(url, split_request([b64[0], not_an_image, ""]))
-    assert status == 400
-    assert answer["error_code"] == "INVALID_PARAMETER_VALUE"
-    assert "row 1: not a JPEG or PNG image" in answer["message"]
-    assert "row 2: empty" in answer["message"]
-    status, answer = post_json(url, split_request(b64[:2]))  # and it goes on answering
-    assert status == 200
-    check_answer(answer["predictions"], served_images, [0, 1])
