@@ -91,6 +91,26 @@ def parser() -> argparse.ArgumentParser:
     submit.add_argument("job_command", nargs=argparse.REMAINDER, metavar="-- COMMAND ...",
                         help="the flyp-ray command to run there, e.g. -- tune CONFIG")
     submit.set_defaults(run=cmd_submit)
+    serve = sub.add_parser("serve", help="serve a logged model behind Ray Serve: images in, "
+                                         "class names out, as `mlflow models serve` answers")
+    serve.add_argument("model", metavar="MODEL_URI",
+                       help="models:/name@alias, models:/name/version, runs:/id/model or a "
+                            "model folder; an alias is pinned to its version at start")
+    serve.add_argument("--replicas", type=int, default=1, help="model copies (default: 1)")
+    serve.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="interface to listen on (default: 127.0.0.1; 0.0.0.0 for all)")
+    serve.add_argument("--address", default=None,
+                       help="a Ray cluster to deploy on (default: $RAY_ADDRESS, else a local Ray)")
+    serve.add_argument("--max-batch-size", type=int, default=16,
+                       help="requests merged into one model call (default: 16)")
+    serve.add_argument("--batch-wait-s", type=float, default=0.01,
+                       help="how long a request waits for others to join its batch "
+                            "(default: 0.01)")
+    serve.add_argument("--cpus-per-replica", type=float, default=1.0,
+                       help="Ray CPUs each replica reserves (default: 1)")
+    serve.set_defaults(run=cmd_serve)
+
     demo = sub.add_parser("demo", help="the built-in default: synthetic data, tiny model, "
                                        "local Ray, local MLflow")
     demo.add_argument("--dir", default="flyp-ray-demo",
@@ -205,6 +225,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     preflight.check_eval(cfg)
     metrics = registry.evaluate_model(cfg, args.model)
     print_json({"model": args.model, "metrics": metrics})
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve a model behind Ray Serve until Ctrl-C; a JSON line with its URL once it answers."""
+    from flyp_ray.serve import app, deploy
+
+    options = app.ServeOptions(model_uri=args.model, replicas=args.replicas,
+                               max_batch_size=args.max_batch_size,
+                               batch_wait_timeout_s=args.batch_wait_s,
+                               num_cpus=args.cpus_per_replica)
+    deploy.serve_model(options, host=args.host, port=args.port, address=args.address)
     return 0
 
 

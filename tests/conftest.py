@@ -19,6 +19,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 from flyp_ray.distributed.cluster import runtime_env  # noqa: E402
 from flyp_ray.finetune.model import tiny_config_path  # noqa: E402
 from tests.support import REPO  # noqa: E402
+from tests.support.models import ImageSet, image_set  # noqa: E402
 from tests.support.servers import free_port, start_mlflow_server, stop_server  # noqa: E402
 from tests.support.wilds_folder import write_camelyon17, write_fmow, write_iwildcam  # noqa: E402
 
@@ -65,3 +66,10 @@ def wilds_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_fmow(root, n_per_split=8)
     write_camelyon17(root, n_per_split=8)
     return root
+
+
+@pytest.fixture(scope="session")
+def served_images(tmp_path_factory: pytest.TempPathFactory) -> ImageSet:
+    """A registered model (``models:/flyp-served@champion``) and PNG/JPEG files of a csv data
+    set, with what ``flyp-ray eval``'s code predicts for each: shared by the serving tests."""
+    return image_set(tmp_path_factory.mktemp("served"))

@@ -17,7 +17,7 @@ import pytest
 import flyp_ray
 
 # Lower numbers sit lower: a module may import its own wing and the wings below it. Wings on
-# the same floor (none today) would not import each other.
+# the same floor (search and serve) do not import each other.
 FLOORS = {
     "errors": 0,
     "config": 1,
@@ -26,6 +26,7 @@ FLOORS = {
     "tracking": 4,
     "distributed": 5,
     "search": 6,
+    "serve": 6,  # beside search: serves what a search registered, imports nothing of it
     "top": 7,  # cli, demo, __main__: the command line, which may use every wing
 }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import math
 import shlex
@@ -20,6 +21,7 @@ from flyp_ray.data import transfer
 from flyp_ray.data.prompts import TEMPLATES, templates_for
 from flyp_ray.distributed import submit
 from flyp_ray.finetune.model import tiny_config_path
+from flyp_ray.serve import app as serve_app
 from tests.support import REPO
 
 ROOT = REPO
@@ -219,8 +221,8 @@ def test_synthetic_demo_validates_from_any_directory(monkeypatch: pytest.MonkeyP
 def test_every_deploy_yaml_parses() -> None:
     files = sorted(DEPLOY.rglob("*.yaml"))
     assert {p.relative_to(DEPLOY).as_posix() for p in files} >= {
-        "raycluster.yaml", "rayjob.yaml", "runtime_env.yaml", "cluster-aws.yaml",
-        "mlflow/mlflow.yaml"}
+        "raycluster.yaml", "rayjob.yaml", "rayservice.yaml", "runtime_env.yaml",
+        "cluster-aws.yaml", "mlflow/mlflow.yaml"}
     for path in files:
         assert _docs(path), path
 
@@ -272,6 +274,40 @@ def test_rayjob_runs_flyp_ray_tune_on_the_cluster() -> None:
     assert env["RAY_AUTH_MODE"]["value"] == "token"
     secret = env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
     assert secret == {"name": cluster["spec"]["authOptions"]["secretName"], "key": "auth_token"}
+
+
+def test_rayservice_serves_the_champion_with_the_serve_app() -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    service = _kind(DEPLOY / "rayservice.yaml", "RayService")
+    cluster = _kind(DEPLOY / "raycluster.yaml", "RayCluster")
+    assert service["apiVersion"] == "ray.io/v1"
+    serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    ServeDeploySchema.parse_obj(serve_config)  # Ray Serve's own schema of a Serve config
+    (application,) = serve_config["applications"]
+    module, _, name = application["import_path"].partition(":")
+    assert getattr(importlib.import_module(module), name) is serve_app.build_app
+    options = serve_app.ServeOptions.from_args(application["args"])  # unknown keys refused
+    assert options.model_uri.startswith("models:/") and options.model_uri.endswith("@champion")
+    assert options.tracking_uri == "http://mlflow.mlflow.svc.cluster.local:5000"
+    assert serve_app.build_app(application["args"]) is not None
+    assert application["route_prefix"] == "/"  # /invocations and /ping, as mlflow models serve
+    # The same Ray, token auth and image as the training cluster; nothing exposed.
+    spec = service["spec"]["rayClusterConfig"]
+    assert spec["rayVersion"] == cluster["spec"]["rayVersion"]
+    assert spec["authOptions"] == cluster["spec"]["authOptions"]
+    head = spec["headGroupSpec"]
+    assert head.get("serviceType", "ClusterIP") == "ClusterIP"
+    assert "serveService" not in service["spec"]  # KubeRay's ClusterIP <name>-serve-svc
+    # Room for every replica, and each pod can reach MLflow with the account in the Secret.
+    cpus = sum(float(group["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
+               * group["maxReplicas"] for group in spec["workerGroupSpecs"])
+    assert options.replicas * options.num_cpus <= cpus
+    for pod in [head] + spec["workerGroupSpecs"]:
+        container = pod["template"]["spec"]["containers"][0]
+        assert container["image"] == head["template"]["spec"]["containers"][0]["image"]
+        env = _env(container)
+        assert env["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"]
 
 
 def test_runtime_env_matches_what_submit_builds() -> None:

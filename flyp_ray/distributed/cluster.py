@@ -18,8 +18,9 @@ RAY_ENV = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300"}
 _STARTED_RAY: list[bool] = []  # not empty once this process's command has connected Ray
 
 
-def init_ray(cfg: Config | None = None) -> None:
-    """Join the cluster in RAY_ADDRESS (or the one this job runs in), else start a local one.
+def init_ray(cfg: Config | None = None, address: str | None = None) -> None:
+    """Join the cluster at ``address`` or in RAY_ADDRESS (or the one this job runs in), else
+    start a local one.
 
     With ``cfg``, a run whose workers could never be placed is refused here, rather than
     waiting for resources that the cluster does not have.
@@ -27,7 +28,7 @@ def init_ray(cfg: Config | None = None) -> None:
     import ray
 
     if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
+        address = address or os.environ.get("RAY_ADDRESS")
         check_reachable(address)
         try:
             ray.init(address=address, log_to_driver=True, configure_logging=False,

@@ -4,29 +4,34 @@ The classifier is CLIP's image tower plus the zero-shot head of its finetuned te
 normalised, template-averaged class embeddings that evaluation uses): images in, class
 probabilities out, ``softmax(logit_scale * normalize(image_features) @ head)``.
 
-It is logged with MLflow's pytorch flavor in the ``pt2`` format (``torch.export``): a traced
-graph and raw tensors, no pickle. MLflow checks that the archive is pickle-free before it loads
-one, so loading a model from a registry runs no code that came with the model. The same model
-loads with ``mlflow.pytorch.load_model`` (a module: images -> probabilities) and with
-``mlflow.pyfunc.load_model`` (``predict(ndarray) -> ndarray``).
+One model folder, two flavors, no pickle:
 
-- Input: float32 ``[N, 3, H, W]``, images as open_clip's eval transform leaves them: resized,
-  centre-cropped, scaled to [0, 1] and normalised with ``metadata["preprocess"]`` (size, mean,
-  std). Raw images and file paths are not accepted: a traced graph cannot decode images, and a
-  Python wrapper that could would have to be pickled. :func:`load_classifier` returns the
-  transform with the model.
-- Output: float32 ``[N, C]`` probabilities; column ``i`` is ``metadata["classnames"][i]``.
-- On a machine with CUDA, MLflow's pyfunc loader moves the model to the GPU and refuses a ``pt2``
-  model exported on the CPU: load it with ``model_config={"device": "cpu"}`` there.
+- ``python_function``: MLflow's "models from code": the code is
+  :mod:`flyp_ray.tracking.image_model` (copied into the folder), which takes a DataFrame column
+  ``image`` of JPEG/PNG bytes or base64 strings and answers per row ``label``, ``probability``
+  and ``probabilities`` (class name -> p), through the model's own open_clip eval transform.
+  ``mlflow.pyfunc.load_model`` and ``mlflow models serve`` use it; its signature and input
+  example (a small PNG, base64) say so.
+- ``pytorch``: the classifier module in the ``pt2`` format (``torch.export``: a traced graph
+  and raw tensors), which the pyfunc's artifact ``classifier`` holds and
+  ``mlflow.pytorch.load_model`` loads as a module: float32 ``[N, 3, H, W]`` images after
+  open_clip's eval transform (``metadata["preprocess"]``) in, ``[N, C]`` probabilities out,
+  column ``i`` being ``metadata["classnames"][i]``. MLflow checks that the archive is
+  pickle-free before it loads one, so loading a model from a registry runs no code that came
+  with the model except the pyfunc's own file, which is plain source to read.
 
-The model folder also holds ``extra_files/open_clip_config.json`` (open_clip's ``local-dir:``
-layout), from which :func:`load_classifier` rebuilds the image tower as a plain module, so that
-``flyp-ray eval`` gets image features and the head, as training's evaluation does.
+The classifier artifact also holds ``extra_files/open_clip_config.json`` (open_clip's
+``local-dir:`` layout), from which the pyfunc builds its transform and :func:`load_classifier`
+rebuilds the image tower as a plain module, so that ``flyp-ray eval`` gets image features and the
+head, as training's evaluation does. On a machine with CUDA, the ``pt2`` graph stays on the CPU
+it was exported on.
 """
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import io
 import json
 import logging
 import tempfile
@@ -37,6 +42,8 @@ from typing import Any
 import mlflow
 import numpy as np
 import open_clip
+import pandas as pd
+import PIL
 import torch
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
@@ -46,8 +53,10 @@ from mlflow.protos.databricks_pb2 import (
     RESOURCE_DOES_NOT_EXIST,
     ErrorCode,
 )
-from mlflow.types import Schema, TensorSpec
+from mlflow.types import ColSpec, DataType, Schema, TensorSpec
+from mlflow.types.schema import Map
 from packaging.version import Version
+from PIL import Image
 
 from flyp_ray.config import CLASSIFIER_METHODS, Config
 from flyp_ray.data import prompts
@@ -57,7 +66,7 @@ from flyp_ray.finetune import checkpoint
 from flyp_ray.finetune.classifier import ImageClassifier
 from flyp_ray.finetune.evaluate import evaluate_splits, zero_shot_head
 from flyp_ray.finetune.model import load_model
-from flyp_ray.tracking import runs
+from flyp_ray.tracking import image_model, runs
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +75,15 @@ OPEN_CLIP_CONFIG = "open_clip_config.json"  # open_clip's name for it in a local
 EXTRA_FILES = "extra_files"  # where MLflow's flavors put extra_files in a model folder
 MLMODEL = "MLmodel"
 URI_SCHEMES = ("models:/", "runs:/")
-INPUT_DOC = ("float32 [N, 3, H, W]: RGB images after open_clip's eval transform (resize, centre "
-             "crop, scale to [0, 1], normalise with preprocess.mean and preprocess.std)")
-OUTPUT_DOC = "float32 [N, C]: class probabilities; column i is classnames[i]"
+IMAGE_MODEL_CODE = Path(image_model.__file__)  # the pyfunc's "models from code" file
+INPUT_DOC = (f"DataFrame column {image_model.COLUMN!r}: per row a JPEG or PNG image, as bytes or "
+             "as a base64 string; the model applies open_clip's eval transform itself")
+OUTPUT_DOC = ("per row: label (the most probable class name), probability (its probability), "
+              "probabilities (class name -> probability)")
+TENSOR_INPUT_DOC = ("float32 [N, 3, H, W]: RGB images after open_clip's eval transform (resize, "
+                    "centre crop, scale to [0, 1], normalise with preprocess.mean and "
+                    "preprocess.std)")
+TENSOR_OUTPUT_DOC = "float32 [N, C]: class probabilities; column i is classnames[i]"
 # torch.export makes a dimension of size 1 static: a batch of 2 keeps the batch size free.
 EXAMPLE_BATCH = 2
 _BAD_URI_CODES = {ErrorCode.Name(RESOURCE_DOES_NOT_EXIST), ErrorCode.Name(INVALID_PARAMETER_VALUE)}
@@ -187,7 +202,11 @@ def _log(cfg: Config, run_id: str, checkpoint_dir: str | Path,
 
 def log_classifier(cfg: Config, run_id: str, classifier: Classifier,
                    artifact_path: str = "model") -> ModelInfo:
-    """Log ``classifier`` as a pt2 MLflow model of run ``run_id`` (raises on failure)."""
+    """Log ``classifier`` as an MLflow model of run ``run_id`` (raises on failure).
+
+    The pt2 graph is saved first, on its own, and goes into the pyfunc model as its artifact
+    ``classifier``; :class:`_ImageModelFlavor` then names it in the pytorch flavor too.
+    """
     mlflow_client = runs.client(cfg.tracking.uri)
     experiment = mlflow_client.get_run(run_id).info.experiment_id
     # Created here rather than by log_model, which would file it under the process's current
@@ -199,15 +218,56 @@ def log_classifier(cfg: Config, run_id: str, classifier: Classifier,
     with tempfile.TemporaryDirectory() as tmp:
         config_file = Path(tmp) / OPEN_CLIP_CONFIG
         config_file.write_text(json.dumps(classifier.open_clip_config, indent=1))
-        return mlflow.pytorch.log_model(
-            classifier.module.cpu().eval(), name=artifact_path, model_id=logged.model_id,
-            run_id=run_id, serialization_format="pt2", input_example=example,
-            signature=signature(classifier), metadata=_metadata(cfg, classifier),
+        graph = Path(tmp) / image_model.CLASSIFIER
+        mlflow.pytorch.save_model(
+            classifier.module.cpu().eval(), str(graph), serialization_format="pt2",
+            input_example=example, signature=tensor_signature(classifier),
+            metadata=_metadata(cfg, classifier, TENSOR_INPUT_DOC, TENSOR_OUTPUT_DOC),
             extra_files=[str(config_file)], pip_requirements=_requirements())
+        info: ModelInfo = Model.log(
+            artifact_path=None, name=artifact_path, flavor=_ImageModelFlavor,
+            model_id=logged.model_id, run_id=run_id, python_model=str(IMAGE_MODEL_CODE),
+            artifacts={image_model.CLASSIFIER: str(graph)}, signature=signature(classifier),
+            input_example=input_example(classifier),
+            metadata=_metadata(cfg, classifier, INPUT_DOC, OUTPUT_DOC),
+            pip_requirements=_requirements(pyfunc=True))
+        return info
+
+
+class _ImageModelFlavor:
+    """``Model.log``'s flavor: the pyfunc from code, plus the pytorch flavor of its artifact."""
+
+    @staticmethod
+    def save_model(path: str, mlflow_model: Model, **kwargs: Any) -> None:
+        """Save the pyfunc, then point a pytorch flavor at the pt2 graph inside it."""
+        mlflow.pyfunc.save_model(path, mlflow_model=mlflow_model, **kwargs)
+        pyfunc_conf = mlflow_model.flavors[mlflow.pyfunc.FLAVOR_NAME]
+        graph = pyfunc_conf["artifacts"][image_model.CLASSIFIER]["path"]
+        torch_conf = dict(Model.load(str(Path(path) / graph)).flavors[mlflow.pytorch.FLAVOR_NAME])
+        torch_conf["model_data"] = f"{graph}/{torch_conf['model_data']}"
+        torch_conf["extra_files"] = [{**extra, "path": f"{graph}/{extra['path']}"}
+                                     for extra in torch_conf.get("extra_files") or []]
+        mlflow_model.add_flavor(mlflow.pytorch.FLAVOR_NAME, **torch_conf)
+        mlflow_model.save(str(Path(path) / MLMODEL))
 
 
 def signature(classifier: Classifier) -> ModelSignature:
-    """Tensor specs of the input and output; -1 is the free batch dimension.
+    """The pyfunc's: a string column ``image`` in; label, probability, probabilities out.
+
+    ``string``, not ``binary``: for a binary column ``mlflow models serve`` decodes the base64
+    itself and answers a bad row with a parse error that names no row. Bytes pass too (the
+    column is an object column).
+    """
+    return ModelSignature(
+        inputs=Schema([ColSpec(DataType.string, image_model.COLUMN)]),
+        outputs=Schema([ColSpec(DataType.string, "label"),
+                        ColSpec(DataType.double, "probability"),
+                        ColSpec(Map(DataType.double), "probabilities")]),
+    )
+
+
+def tensor_signature(classifier: Classifier) -> ModelSignature:
+    """The pt2 graph's tensor specs; -1 is the free batch dimension.
 
     Unnamed on purpose: pyfunc then hands the array to the model as it is (a named spec makes
     it a dict, which the pytorch flavor refuses).
@@ -220,18 +280,32 @@ def signature(classifier: Classifier) -> ModelSignature:
     )
 
 
-def _metadata(cfg: Config, classifier: Classifier) -> dict[str, Any]:
+def input_example(classifier: Classifier) -> pd.DataFrame:
+    """One real PNG, base64: a grey image of the model's input size."""
+    height, width = classifier.image_size
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (128, 128, 128)).save(buffer, format="PNG")
+    return pd.DataFrame({image_model.COLUMN: [base64.b64encode(buffer.getvalue()).decode()]})
+
+
+def _metadata(cfg: Config, classifier: Classifier, input_doc: str,
+              output_doc: str) -> dict[str, Any]:
     preprocess = {k: list(v) if isinstance(v, tuple) else v
                   for k, v in classifier.open_clip_config["preprocess_cfg"].items()}
     return {"classnames": classifier.classnames, "templates": classifier.templates,
             "dataset": cfg.dataset.name, "model.arch": cfg.model.arch,
-            "preprocess": preprocess, "input": INPUT_DOC, "output": OUTPUT_DOC}
+            "preprocess": preprocess, "input": input_doc, "output": output_doc}
 
 
-def _requirements() -> list[str]:
-    # A pt2 archive needs the torch release that wrote it (no local build tag such as +cpu).
-    return [f"torch=={Version(torch.__version__).base_version}", f"mlflow=={mlflow.__version__}",
+def _requirements(pyfunc: bool = False) -> list[str]:
+    # A pt2 archive needs the torch release that wrote it (no local build tag such as +cpu);
+    # the pyfunc pins open_clip and Pillow too: its transform and decoding must not drift.
+    pins = [f"torch=={Version(torch.__version__).base_version}", f"mlflow=={mlflow.__version__}",
             "numpy"]
+    if pyfunc:
+        pins += [f"open_clip_torch=={open_clip.__version__}", f"pillow=={PIL.__version__}",
+                 "pandas"]
+    return pins
 
 
 def _register(cfg: Config, model_uri: str, name: str, metrics: Mapping[str, float],
@@ -311,11 +385,38 @@ def load_classifier(uri: str, cfg: Config | None = None) -> Classifier:
                    f"runs:/id/model, or an existing model folder or checkpoint")
 
 
+def serving_uri(uri: str) -> str:
+    """The model URI to serve: ``models:/name@alias`` pinned to the version the alias names now,
+    so that every replica loads the same model even if the alias moves; checked to be a model
+    that takes images. An unknown or unsuitable model is a :class:`BadInput`."""
+    if uri.startswith("models:/") and "@" in uri:
+        name, _, alias = uri.removeprefix("models:/").rpartition("@")
+        try:
+            version = mlflow.MlflowClient().get_model_version_by_alias(name, alias).version
+        except MlflowException as err:
+            where = runs.redact(mlflow.get_tracking_uri())
+            raise BadInput(f"{uri!r}: not found in {where}: {_first_line(err)}") from None
+        uri = f"models:/{name}/{version}"
+    try:
+        model = Model.load(str(Path(uri).expanduser()) if Path(uri).expanduser().is_dir()
+                           else uri)
+    except (MlflowException, OSError) as err:
+        where = runs.redact(mlflow.get_tracking_uri())
+        message = _first_line(err) if isinstance(err, MlflowException) else str(err)
+        raise BadInput(f"{uri!r}: cannot read its MLmodel in {where}: {message}") from None
+    inputs = model.signature.inputs.input_names() if model.signature is not None else []
+    if image_model.COLUMN not in inputs:
+        raise BadInput(f"{uri!r} does not take images (inputs: {inputs or 'tensors'}): it was "
+                       f"logged before flyp-ray's models did; `flyp-ray eval` still reads it")
+    return uri
+
+
 def _from_mlflow(uri: str) -> Classifier:
     with tempfile.TemporaryDirectory() as tmp:
         local = _download(uri, tmp)
-        meta = Model.load(local).metadata or {}
-        config_dir = Path(local) / EXTRA_FILES
+        model = Model.load(local)
+        meta = model.metadata or {}
+        config_dir = _graph_folder(local, model) / EXTRA_FILES
         if "classnames" not in meta or not (config_dir / OPEN_CLIP_CONFIG).is_file():
             raise BadInput(f"--model: {uri} is an MLflow model but not one flyp-ray logged "
                            f"(no classnames or {EXTRA_FILES}/{OPEN_CLIP_CONFIG})")
@@ -333,6 +434,13 @@ def _from_mlflow(uri: str) -> Classifier:
     module.load_state_dict(state)
     return Classifier(module.eval(), list(meta["classnames"]), list(meta.get("templates", [])),
                       preprocess, config)
+
+
+def _graph_folder(local: str, model: Model) -> Path:
+    """The folder of the pt2 graph: the pyfunc's artifact, or the model folder itself (models
+    logged with the pytorch flavor alone)."""
+    torch_conf = model.flavors.get(mlflow.pytorch.FLAVOR_NAME, {})
+    return (Path(local) / torch_conf.get("model_data", "data")).parent
 
 
 def _download(uri: str, dst: str) -> str:

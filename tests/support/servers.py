@@ -1,4 +1,5 @@
-"""Servers the tests start themselves on 127.0.0.1 and stop by their PID (MLflow tracking)."""
+"""Servers the tests start themselves on 127.0.0.1 and stop by their PID: MLflow tracking,
+``mlflow models serve`` and ``flyp-ray serve``."""
 
 from __future__ import annotations
 
@@ -35,19 +36,40 @@ def start_mlflow_server(folder: Path, port: int, *extra_args: str,
          "--artifacts-destination", str(folder / "artifacts"), *extra_args],
         env=env, stdout=open(folder / "server.log", "a"), stderr=subprocess.STDOUT,
         start_new_session=True)
-    deadline = time.monotonic() + 120
-    while not _healthy(f"http://127.0.0.1:{port}"):
-        if server.poll() is not None or time.monotonic() > deadline:
-            stop_server(server)
-            log = (folder / "server.log").read_text()[-2000:]
-            raise RuntimeError(f"MLflow server did not start: {log}")
-        time.sleep(0.5)
+    wait_until_healthy(server, f"http://127.0.0.1:{port}/health", folder / "server.log", 120)
     return server
 
 
-def _healthy(uri: str) -> bool:
+def launch_model_server(command: list[str], log: Path,
+                        env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """Start a model server (``mlflow models serve``, ``flyp-ray serve``); returns at once, so
+    that several can start side by side (then :func:`wait_until_healthy` on ``/ping``).
+
+    Its own session, so that its whole process group can be stopped; the virtual
+    environment's bin/ on PATH (``mlflow models serve`` runs ``uvicorn`` from there).
+    """
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "PATH": path, **env}
+    env.pop("RAY_ADDRESS", None)  # a local Ray of its own
+    return subprocess.Popen(command, env=env, stdout=open(log, "a"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_until_healthy(server: subprocess.Popen[bytes], url: str, log: Path,
+                       timeout_s: float) -> None:
+    """Poll ``url`` until it answers 200; stop the server and raise with its log if it dies
+    or takes longer than ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not _healthy(url):
+        if server.poll() is not None or time.monotonic() > deadline:
+            stop_server(server)
+            raise RuntimeError(f"{url} did not answer: {log.read_text()[-3000:]}")
+        time.sleep(0.5)
+
+
+def _healthy(url: str) -> bool:
     try:
-        with urllib.request.urlopen(f"{uri}/health", timeout=2) as reply:
+        with urllib.request.urlopen(url, timeout=2) as reply:
             return bool(reply.status == 200)
     except OSError:
         return False
@@ -63,3 +85,19 @@ def stop_server(server: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(server.pid, signal.SIGKILL)
         server.wait()
+
+
+def stop_gracefully(server: subprocess.Popen[bytes], timeout_s: float = 60) -> int | None:
+    """SIGTERM to the server's own PID only, so that it can take down what it started (Ray);
+    then its process group, by PID, for anything left. Its exit code, None if it hung."""
+    try:
+        server.send_signal(signal.SIGTERM)
+        code: int | None = server.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        code = None
+    try:
+        os.killpg(server.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    server.wait()
+    return code

@@ -7,6 +7,7 @@ with :func:`flyp_ray.finetune.checkpoint.save`, as training writes it. No Ray: n
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 from pathlib import Path
@@ -14,18 +15,19 @@ from typing import Any
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from mlflow import MlflowClient
+from mlflow.models import Model
+from PIL import Image
 
 from flyp_ray import cli, config
 from flyp_ray.data import synthetic
 from flyp_ray.data.load import load_data
-from flyp_ray.finetune import checkpoint
-from flyp_ray.finetune.model import load_model
-from flyp_ray.finetune.optim import build_state
 from flyp_ray.tracking import registry, runs
 from tests.support.configs import tiny_config, write_config
+from tests.support.models import write_checkpoint
 
 NAME = "flyp-test"
 SPLITS = ("id_val", "id_test", "ood_val", "ood_test")
@@ -39,17 +41,6 @@ class Logged:
     checkpoint: Path
     runs: list[str]
     versions: list[tuple[str, str] | None]
-
-
-def write_checkpoint(cfg: config.Config, folder: Path) -> Path:
-    """A checkpoint as the worker writes it, with weights no fresh model has."""
-    torch.manual_seed(1234)
-    loaded = load_model(cfg.model, cfg.source)
-    with torch.no_grad():
-        loaded.model.logit_scale.fill_(2.5)  # type: ignore[operator]
-    state = build_state(loaded.model, cfg.train, 10, torch.device("cpu"))
-    prompts = {"classnames": list(synthetic.CLASSNAMES), "templates": ["a photo of a {}."]}
-    return checkpoint.save(folder, loaded.model, state, 1, {"id_val/acc": 0.5}, prompts)
 
 
 @pytest.fixture(scope="module")
@@ -81,24 +72,51 @@ def test_logged_model_predicts_with_pyfunc_and_pytorch(logged: Logged) -> None:
     with torch.no_grad():
         expected = expected_model.module(images).numpy()
 
+    # pyfunc: images in (here PNG bytes of the same pictures), class names out
+    pictures = [synthetic_picture(logged.cfg, i) for i in range(5)]
     pyfunc = mlflow.pyfunc.load_model(uri)
-    probs = pyfunc.predict(images.numpy())
-    assert probs.shape == (5, len(synthetic.CLASSNAMES))
-    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    answer = pyfunc.predict(pd.DataFrame({"image": [png(p) for p in pictures]}))
+    probs = np.array([[row[c] for c in synthetic.CLASSNAMES] for row in answer["probabilities"]])
     np.testing.assert_allclose(probs, expected, atol=1e-5)
+    assert list(answer["label"]) == [synthetic.CLASSNAMES[i] for i in expected.argmax(axis=1)]
+    np.testing.assert_allclose(answer["probability"], expected.max(axis=1), atol=1e-5)
     assert pyfunc.metadata.metadata["classnames"] == list(synthetic.CLASSNAMES)
-    assert pyfunc.metadata.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 3, 32, 32)
+    assert pyfunc.metadata.signature.inputs.input_names() == ["image"]
 
+    # pytorch: the module, preprocessed tensors in, probabilities out
     module = mlflow.pytorch.load_model(uri)
     with torch.no_grad():
         np.testing.assert_allclose(module(images).numpy(), expected, atol=1e-5)
 
 
+def synthetic_picture(cfg: config.Config, index: int) -> Image.Image:
+    """The ID validation picture that :func:`image_batch` preprocesses as item ``index``."""
+    data = load_data(cfg.dataset, lambda image: image, lambda image: image, cfg.source)
+    picture: Image.Image = data.splits["id_val"].dataset[index][0]
+    return picture
+
+
+def png(picture: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def test_logged_model_holds_no_pickle(logged: Logged) -> None:
     local = Path(mlflow.artifacts.download_artifacts(f"runs:/{logged.runs[0]}/model"))
-    data = sorted(p.name for p in (local / "data").iterdir())
-    assert data == ["model.pt2"], data
-    assert (local / registry.EXTRA_FILES / registry.OPEN_CLIP_CONFIG).is_file()
+    files = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
+    weights = [f for f in files if f.endswith((".pt2", ".pt", ".pth", ".pkl", ".bin"))]
+    assert weights == ["artifacts/classifier/data/model.pt2"], files
+    flavors = Model.load(str(local)).flavors
+    pyfunc = flavors["python_function"]
+    # "models from code": the pyfunc is this source file, run at load time, not a pickle
+    assert pyfunc["loader_module"] == "mlflow.pyfunc.loaders.code_model"
+    assert "python_model" not in pyfunc
+    code = local / Path(pyfunc["model_code_path"]).name
+    assert code.read_text() == registry.IMAGE_MODEL_CODE.read_text()
+    assert flavors["pytorch"]["model_data"] == "artifacts/classifier/data"
+    graph = local / "artifacts" / "classifier"
+    assert (graph / registry.EXTRA_FILES / registry.OPEN_CLIP_CONFIG).is_file()
 
 
 def test_classifier_matches_the_checkpoint_weights(logged: Logged) -> None:

@@ -1,0 +1,1 @@
+"""Serving: the logged image classifier behind Ray Serve (``flyp-ray serve``, RayService)."""
