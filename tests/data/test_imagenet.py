@@ -298,7 +298,7 @@ def test_a_folder_outside_the_class_list_is_named(layout: Path, tmp_path: Path) 
 
 
 @pytest.mark.parametrize(("dataset", "train", "key", "problem"), [
-    ({"name": "imagenet", "ood_sets": ["imagenet_c"]}, {}, "dataset.ood_sets",
+    ({"name": "imagenet", "ood_sets": ["imagenet_c"]}, {}, "dataset.ood_sets[0]",
      ("must be one of imagenet_v2 | imagenet_r | imagenet_a | imagenet_sketch | objectnet, "
       "got 'imagenet_c'")),
     ({"name": "csv", "ood_sets": ["imagenet_r"]}, {}, "dataset.ood_sets",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,16 @@ from flyp_ray.tracking import image_model
 from tests.support.models import ImageSet, check_answer
 
 # --- in this process -----------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def registry_of_the_model(served_images: ImageSet) -> Iterator[None]:
+    """``models:/`` URIs resolve against MLflow's process-wide tracking URI: other tests move it."""
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(served_images.tracking_uri)
+    yield
+    mlflow.set_tracking_uri(before)
+
 
 
 def test_pyfunc_takes_bytes_and_base64_and_answers_eval_labels(served_images: ImageSet) -> None:
