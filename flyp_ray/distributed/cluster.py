@@ -95,15 +95,25 @@ def runtime_env(env_vars: dict[str, str] | None = None) -> dict[str, object]:
 
 
 def own_cluster() -> None:
-    """Run in every Ray worker process of the job: point Ray's address lookups at this cluster.
+    """Run in every Ray worker process of the job: point Ray's own lookups at this cluster.
 
     Ray Train's ``PlacementGroupCleaner`` asks the state API whether its run's controller is
-    alive, and an actor the state API does not know counts as dead. Without an address, that
-    lookup goes to the newest Ray instance started on the machine (``ray start`` writes it to
-    /tmp/ray/ray_current_cluster), which need not be this one: a second instance started while
-    a run is in flight made every cleaner remove its live run's workers. With RAY_ADDRESS set
-    to the process's own cluster, the lookup cannot leave it.
+    alive, and an actor the state API does not know counts as dead: it then removes the run's
+    workers. Left to itself, that lookup can reach another Ray instance on the machine: without
+    an address it takes the newest instance (``ray start`` writes it to
+    /tmp/ray/ray_current_cluster), and a cluster started without a dashboard still names
+    127.0.0.1:8265 as its state API, where another instance's dashboard may answer. So each
+    process gets its own cluster's address, and its own dashboard as the state API; with no
+    dashboard, an address that answers nothing, so the cleaner waits (as Ray does while the
+    state API is down) rather than ask a stranger.
     """
     import ray
+    from ray._private.services import get_webui_url_from_internal_kv  # "" without a dashboard
 
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    dashboard = get_webui_url_from_internal_kv()
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://{dashboard}" if dashboard else NO_STATE_API
+
+
+# Port 9 (discard) takes no connection here: a state API lookup fails at once.
+NO_STATE_API = "http://127.0.0.1:9"

@@ -2,7 +2,9 @@
 
 It is the machine state that made Ray Train kill live runs: ``/tmp/ray/ray_current_cluster``
 names the newest Ray instance (``ray start`` writes it and leaves it behind when stopped), and
-a Ray process with no address of its own asks that instance's state API about its own actors.
+its dashboard sits on 127.0.0.1:8265, the state API that a cluster started without a dashboard
+(the test session's) names for itself; a Ray process asked one or the other about its own
+actors.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -23,6 +26,7 @@ import requests
 from tests.support.servers import free_port
 
 BIN = Path(sys.executable).parent
+DEFAULT_DASHBOARD = 8265
 CURRENT_CLUSTER = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
 
 
@@ -36,7 +40,9 @@ def another_ray_instance() -> Iterator[Callable[[], str]]:
     """
     import ray._private.services as services
 
-    gcs, dashboard, client, agent = (free_port() for _ in range(4))
+    gcs, client, agent = (free_port() for _ in range(3))
+    # Ray's default dashboard port: the state API a cluster without a dashboard names.
+    dashboard = DEFAULT_DASHBOARD if port_is_free(DEFAULT_DASHBOARD) else free_port()
     saved = CURRENT_CLUSTER.read_text() if CURRENT_CLUSTER.exists() else None
     CURRENT_CLUSTER.parent.mkdir(parents=True, exist_ok=True)
     CURRENT_CLUSTER.write_text(f"{services.get_node_ip_address()}:{gcs}")
@@ -66,6 +72,11 @@ def another_ray_instance() -> Iterator[Callable[[], str]]:
         else:
             CURRENT_CLUSTER.write_text(saved)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) != 0
 
 
 def state_api_answers(url: str) -> bool:
