@@ -103,21 +103,24 @@ def new_name(cfg: Config) -> str:
 
 
 def train(cfg: Config, name: str | None = None, resume_from: str | None = None,
-          parent_run_id: str | None = None,
-          tags: Mapping[str, str] | None = None) -> TrainOutcome:
+          parent_run_id: str | None = None, tags: Mapping[str, str] | None = None,
+          log_model: bool = True) -> TrainOutcome:
     """One finetuning run with the config's fixed values, tracked as one MLflow run.
 
     ``parent_run_id`` nests that run under another (a ``compare`` or ``search`` run), and
-    ``tags`` go on it (``flyp_ray.kind`` among them replaces ``train``). A run whose MLflow run
-    already finished (a driver restarted after it) is read back from storage: nothing is
+    ``tags`` go on it (``flyp_ray.kind`` among them replaces ``train``); ``log_model`` false
+    leaves the selected epoch's model unlogged (a re-check logs only its champion's). A run
+    that already finished (a driver restarted after it) is read back from storage: nothing is
     trained or logged again.
     """
     name = name or new_name(cfg)
+    done = finished(cfg, name, parent_run_id, tags)
+    if done is not None:
+        return done
     run_id = _find_or_start_run(cfg, name, parent_run_id, tags or {})
-    done = runs.status(cfg.tracking.uri, run_id) == "FINISHED"
     log.info("Ray Train run %s under %s; MLflow run %s", name, storage_path(cfg), run_id)
     try:
-        # Rebuilding a trainer with the same name restores the run: a finished one returns.
+        # Rebuilding a trainer with the same name restores the run from its last checkpoint.
         result = build_trainer(cfg, name, mlflow_run_id=run_id, resume_from=resume_from).fit()
     except Exception:
         runs.end_run(cfg.tracking.uri, run_id, "FAILED")
@@ -127,28 +130,66 @@ def train(cfg: Config, name: str | None = None, resume_from: str | None = None,
         runs.end_run(cfg.tracking.uri, run_id, "FAILED")
         raise FlypRayError(f"run {name} diverged (loss not finite) at epoch "
                            f"{int(latest['epoch'])}; see MLflow run {run_id}")
+    outcome, best = _outcome(cfg, result, run_id)
+    if log_model:
+        _log_model(cfg, run_id, best)
+    runs.set_tags(cfg.tracking.uri, run_id, {"flyp_ray.best_epoch": outcome.best_epoch})
+    runs.end_run(cfg.tracking.uri, run_id)
+    return outcome
+
+
+def finished(cfg: Config, name: str, parent_run_id: str | None = None,
+             tags: Mapping[str, str] | None = None) -> TrainOutcome | None:
+    """The outcome of run ``name`` if its MLflow run finished and its Train run is stored;
+    None otherwise. Reads storage and MLflow only: no Ray Train run starts."""
+    run_id = runs.find_run(cfg.tracking.uri, cfg.tracking.experiment,
+                           _run_tags(name, parent_run_id, tags or {}))
+    if run_id is None or runs.status(cfg.tracking.uri, run_id) != "FINISHED":
+        return None
+    result = finished_result(cfg, name)
+    if result is None or (result.metrics or {}).get("diverged"):
+        return None
+    return _outcome(cfg, result, run_id)[0]
+
+
+def _outcome(cfg: Config, result: ray.train.Result,
+             run_id: str) -> tuple[TrainOutcome, ray.train.Checkpoint]:
+    """The selected epoch's metrics (with WiSE-FT's final sweep) and its checkpoint."""
     metric, mode = selection(cfg)
     best, metrics = best_of(result, metric, mode)
-    metrics = wiseft.with_sweep(metrics, latest)
-    if not done:
-        _log_model(cfg, run_id, best)
-        runs.set_tags(cfg.tracking.uri, run_id, {"flyp_ray.best_epoch": metrics.get("epoch")})
-        runs.end_run(cfg.tracking.uri, run_id)
-    return TrainOutcome(metrics={k: float(v) for k, v in metrics.items() if _is_number(v)},
-                        best_epoch=int(metrics.get("epoch", 0)), checkpoint=best.path,
-                        mlflow_run_id=run_id)
+    metrics = wiseft.with_sweep(metrics, result.metrics or {})
+    outcome = TrainOutcome(metrics={k: float(v) for k, v in metrics.items() if _is_number(v)},
+                           best_epoch=int(metrics.get("epoch", 0)), checkpoint=best.path,
+                           mlflow_run_id=run_id)
+    return outcome, best
+
+
+def finished_result(cfg: Config, name: str) -> ray.train.Result | None:
+    """The stored result of Ray Train run ``name`` (None if there is none): a finished run is
+    read back from storage rather than restored, which would start its worker group again."""
+    try:
+        return ray.train.Result.from_path(f"{storage_path(cfg).rstrip('/')}/{name}")
+    except RuntimeError:  # Ray's answer when there is no run (or no snapshot of it)
+        return None
 
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _find_or_start_run(cfg: Config, name: str, parent_run_id: str | None,
-                       extra: Mapping[str, str]) -> str:
-    """The MLflow run of Ray run ``name``: reused when the driver restarts, else created."""
+def _run_tags(name: str, parent_run_id: str | None,
+              extra: Mapping[str, str]) -> dict[str, str]:
+    """The tags that find the MLflow run of Ray run ``name`` again."""
     tags = {runs.KIND_TAG: "train", **extra, "flyp_ray.run_name": name}
     if parent_run_id is not None:
         tags[runs.PARENT_TAG] = parent_run_id
+    return tags
+
+
+def _find_or_start_run(cfg: Config, name: str, parent_run_id: str | None,
+                       extra: Mapping[str, str]) -> str:
+    """The MLflow run of Ray run ``name``: reused when the driver restarts, else created."""
+    tags = _run_tags(name, parent_run_id, extra)
     found = runs.find_run(cfg.tracking.uri, cfg.tracking.experiment, tags)
     return found or runs.start_run(cfg, name, tags)
 

@@ -13,13 +13,9 @@ trial of each: training images x epochs x rate at the config's fixed settings.
 
 from __future__ import annotations
 
-import io
 import logging
 import math
-import pickle
-import tempfile
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import ray.tune
@@ -60,8 +56,8 @@ class Ledger:
 class BudgetSearcher(Searcher):
     """The search's searcher, finished once the ledger has spent the budget.
 
-    Its state (the ledger) is saved with the searcher's own, so a resumed search knows what it
-    has spent; the stopper that shares the ledger sees it restored in place.
+    Its state (the ledger) is saved with the search, so a resumed search knows what it has
+    spent.
     """
 
     def __init__(self, searcher: Searcher, ledger: Ledger) -> None:
@@ -95,22 +91,14 @@ class BudgetSearcher(Searcher):
     def add_evaluated_point(self, *args: Any, **kwargs: Any) -> None:
         self.searcher.add_evaluated_point(*args, **kwargs)
 
-    def save(self, checkpoint_path: str) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
-            inner = Path(tmp) / "searcher.pkl"
-            self.searcher.save(str(inner))
-            state = {"seconds": self.ledger.seconds, "searcher": inner.read_bytes()}
-        Path(checkpoint_path).write_bytes(pickle.dumps(state))
+    # Tune saves a wrapper's state with get_state (the searcher it wraps saves its own): the
+    # ledger is restored in place, where the stopper that shares it sees it too.
+    def get_state(self) -> dict[str, Any]:
+        return {"seconds": dict(self.ledger.seconds)}
 
-    def restore(self, checkpoint_path: str) -> None:
-        # The search folder is trusted, as Tune's own restore of it already requires.
-        state = pickle.load(io.BytesIO(Path(checkpoint_path).read_bytes()))  # noqa: S301
+    def set_state(self, state: dict[str, Any]) -> None:
         self.ledger.seconds.clear()
         self.ledger.seconds.update(state["seconds"])
-        with tempfile.TemporaryDirectory() as tmp:
-            inner = Path(tmp) / "searcher.pkl"
-            inner.write_bytes(state["searcher"])
-            self.searcher.restore(str(inner))
 
 
 class StopAtRung(ray.tune.Stopper):

@@ -69,16 +69,25 @@ def plan(cfg: Config, records: Sequence[Record]) -> list[Seeded]:
     return runs_
 
 
+def seed_config(cfg: Config, seeded: Seeded, storage: str) -> Config:
+    """The config of one re-check run: the trial's values with the new seed."""
+    return dataclasses.replace(with_train(cfg, **{**seeded.params, "seed": seeded.seed}),
+                               storage=storage)
+
+
+def seed_tags(seeded: Seeded) -> dict[str, str]:
+    return {runs.KIND_TAG: KIND, runs.TRIAL_TAG: seeded.trial_id, SEED_TAG: str(seeded.seed)}
+
+
 def train_seeded(cfg: Config, seeded: Seeded, parent_run_id: str,
                  storage: str) -> dict[str, Any]:
     """One re-check run (a Ray task): its selected epoch's metrics, or the error that ended it."""
-    seed_cfg = dataclasses.replace(with_train(cfg, **{**seeded.params, "seed": seeded.seed}),
-                                   storage=storage)
-    tags = {runs.KIND_TAG: KIND, runs.TRIAL_TAG: seeded.trial_id, SEED_TAG: str(seeded.seed)}
+    seed_cfg, tags = seed_config(cfg, seeded, storage), seed_tags(seeded)
     started = time.monotonic()
     try:
+        # Only the champion's model is logged (by the search, once the means are known).
         outcome = trainer.train(seed_cfg, name=seeded.name, parent_run_id=parent_run_id,
-                                tags=tags)
+                                tags=tags, log_model=False)
     except Exception as err:  # noqa: BLE001 - one failed seed must not cost the others
         log.error("re-check %s failed: %s", seeded.name, first_line(err))
         return {"error": first_line(err), "seconds": time.monotonic() - started}
@@ -95,8 +104,8 @@ def run_all(cfg: Config, planned: Sequence[Seeded], parent_run_id: str,
     """
     task = ray.remote(num_cpus=0, max_retries=0, max_calls=1)(train_seeded)
     results: dict[ray.ObjectRef, int] = {}
-    done: dict[int, dict[str, Any]] = {}
-    queue = list(enumerate(planned))
+    done = finished_before(cfg, planned, parent_run_id, storage)
+    queue = [(i, seeded) for i, seeded in enumerate(planned) if i not in done]
     while queue or results:
         while queue and len(results) < cfg.search.max_concurrent_trials:
             index, seeded = queue.pop(0)
@@ -106,6 +115,21 @@ def run_all(cfg: Config, planned: Sequence[Seeded], parent_run_id: str,
             index = results.pop(ref)
             done[index] = _result(ref)
     return [done[i] for i in range(len(planned))]
+
+
+def finished_before(cfg: Config, planned: Sequence[Seeded], parent_run_id: str,
+                    storage: str) -> dict[int, dict[str, Any]]:
+    """The planned runs that finished before (a resumed re-check), read from storage and MLflow
+    in this process: they need no task, and are not trained again."""
+    done = {}
+    for index, seeded in enumerate(planned):
+        outcome = trainer.finished(seed_config(cfg, seeded, storage), seeded.name,
+                                   parent_run_id, seed_tags(seeded))
+        if outcome is not None:
+            seconds = runs.duration_s(cfg.tracking.uri, outcome.mlflow_run_id)
+            done[index] = {"metrics": outcome.metrics, "mlflow_run_id": outcome.mlflow_run_id,
+                           "checkpoint": outcome.checkpoint, "seconds": seconds}
+    return done
 
 
 def _result(ref: ray.ObjectRef) -> dict[str, Any]:

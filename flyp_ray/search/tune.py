@@ -546,8 +546,9 @@ def _recheck(cfg: Config, search: Search, parent_run_id: str,
     seed = recheck.best_seed(cfg, champion)
     tags = {f"recheck.{kind}.{m}": str(champion[kind][m]) for kind in ("mean", "std")
             for m in metrics if m in champion[kind]}
-    registered = registry.register_run_model(
-        with_train(cfg, **champion["config"]), seed["mlflow_run_id"], seed["metrics"],
+    seed_cfg = with_train(cfg, **{**champion["config"], "seed": seed["seed"]})
+    registered = registry.log_and_register(
+        seed_cfg, seed["mlflow_run_id"], seed["checkpoint"], seed["metrics"],
         {**tags, "recheck.seeds": str(len(champion["seeds"])),
          "recheck.trial_id": champion["trial_id"], "recheck.seed": str(seed["seed"])})
     out["registered_model"] = ({"name": registered[0], "version": registered[1]}

@@ -170,19 +170,21 @@ def log_model(cfg: Config, run_id: str, checkpoint_dir: str | Path,
 
 
 def log_and_register(cfg: Config, run_id: str, checkpoint_dir: str | Path,
-                     metrics: Mapping[str, float]) -> tuple[str, str] | None:
+                     metrics: Mapping[str, float],
+                     tags: Mapping[str, str] | None = None) -> tuple[str, str] | None:
     """Log the model, register it as ``tracking.registered_model`` and move ``champion`` to it.
 
-    The version is tagged with the data set and the selection metric (the first of
-    ``search.metric``) and its value. Returns (name, version), or None when nothing was
-    registered (no registered_model configured, or an MLflow failure, which is logged).
+    The version is tagged with the data set, the selection metric (the first of
+    ``search.metric``) and its value, and ``tags``. Returns (name, version), or None when
+    nothing was registered (no registered_model configured, or an MLflow failure, which is
+    logged).
     """
     info = _log(cfg, run_id, checkpoint_dir, "model")
     name = cfg.tracking.registered_model
     if info is None or not name:
         return None
     try:
-        return _register(cfg, info.model_uri, name, metrics)
+        return _register(cfg, info.model_uri, name, metrics, tags)
     except Exception as err:  # noqa: BLE001 - a registry failure must not fail the search
         log.error("could not register %s as %r: %s: %s", info.model_uri, name,
                   type(err).__name__, str(err)[:300])
@@ -320,23 +322,6 @@ def _register(cfg: Config, model_uri: str, name: str, metrics: Mapping[str, floa
     mlflow_client.set_registered_model_alias(name, CHAMPION, str(version.version))
     log.info("registered %s version %s (alias %s)", name, version.version, CHAMPION)
     return name, str(version.version)
-
-
-def register_run_model(cfg: Config, run_id: str, metrics: Mapping[str, float],
-                       tags: Mapping[str, str]) -> tuple[str, str] | None:
-    """Register the model already logged on run ``run_id`` (a re-check's champion seed), with
-    ``tags`` beside the usual ones, and move ``champion`` to it; None if nothing was registered
-    (no registered_model configured, or an MLflow failure, which is logged)."""
-    name = cfg.tracking.registered_model
-    if not name:
-        return None
-    uri = f"runs:/{run_id}/model"
-    try:
-        return _register(cfg, uri, name, metrics, tags)
-    except Exception as err:  # noqa: BLE001 - a registry failure must not fail the search
-        log.error("could not register %s as %r: %s: %s", uri, name, type(err).__name__,
-                  str(err)[:300])
-        return None
 
 
 def check_registered_model(cfg: Config) -> None:

@@ -293,6 +293,14 @@ def status(uri: str, run_id: str) -> str | None:
     return None if run is None else str(run.info.status)
 
 
+def duration_s(uri: str, run_id: str) -> float:
+    """How long a finished run ran, in seconds (0 if MLflow cannot say)."""
+    _, run = _retry("get_run", lambda: MlflowClient(tracking_uri=uri).get_run(run_id))
+    if run is None or not run.info.end_time or not run.info.start_time:
+        return 0.0
+    return (run.info.end_time - run.info.start_time) / 1000
+
+
 def reopen_run(uri: str, run_id: str) -> None:
     """Mark a run RUNNING again (a resumed search); retried, never raises."""
     _retry("reopen_run", lambda: MlflowClient(tracking_uri=uri).update_run(run_id, "RUNNING"))

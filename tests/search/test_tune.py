@@ -121,7 +121,8 @@ def test_search_with_asha_tracks_parent_and_trials(ray_session: None, mlflow_ser
     assert_pareto_front(cfg, summary)
     checkpoint = Path(summary["best_checkpoint"])
     assert checkpoint.parent == search_dir / "trials" / best_id and checkpoint.is_dir()
-    assert_registered_model_predicts(mlflow_server, summary)
+    assert_registered_model_predicts(mlflow_server, summary,
+                                     wilds_root / "iwildcam_v2.0" / "train")
 
 
 def assert_pareto_front(cfg: config.Config, summary: dict[str, Any]) -> None:
@@ -137,19 +138,23 @@ def assert_pareto_front(cfg: config.Config, summary: dict[str, Any]) -> None:
     assert front and front == {t for t, p in points.items() if not dominated(p)}
 
 
-def assert_registered_model_predicts(uri: str, summary: dict[str, Any]) -> None:
-    """The registered version loads with pyfunc and gives class probabilities."""
+def assert_registered_model_predicts(uri: str, summary: dict[str, Any], images: Path) -> None:
+    """The registered version loads with pyfunc and names a class, with probabilities, for each
+    of a few of the data set's own JPEG files."""
     import mlflow.pyfunc
-    import numpy as np
+    import pandas as pd
 
     name, version = summary["registered_model"]["name"], summary["registered_model"]["version"]
     assert name == "flyp-test"
     mlflow.set_tracking_uri(uri)
     model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
-    images = np.random.default_rng(0).normal(size=(3, 3, 32, 32)).astype(np.float32)
-    probabilities = np.asarray(model.predict(images))
-    assert probabilities.shape == (3, 4)  # the WILDS folder has 4 classes
-    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+    files = sorted(images.glob("*.jpg"))[:3]
+    answer = model.predict(pd.DataFrame({"image": [f.read_bytes() for f in files]}))
+    assert len(answer) == 3
+    for row in answer.to_dict(orient="records"):
+        assert len(row["probabilities"]) == 4  # the WILDS folder has 4 classes
+        assert sum(row["probabilities"].values()) == pytest.approx(1.0, rel=1e-5)
+        assert row["probability"] == max(row["probabilities"].values())
     alias = MlflowClient(tracking_uri=uri).get_model_version_by_alias(name, "champion")
     assert alias.version == version
 
