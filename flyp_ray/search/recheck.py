@@ -126,7 +126,8 @@ def finished_before(cfg: Config, planned: Sequence[Seeded], parent_run_id: str,
         outcome = trainer.finished(seed_config(cfg, seeded, storage), seeded.name,
                                    parent_run_id, seed_tags(seeded))
         if outcome is not None:
-            seconds = runs.duration_s(cfg.tracking.uri, outcome.mlflow_run_id)
+            seconds = (runs.duration_s(cfg.tracking.uri, outcome.mlflow_run_id)
+                       if outcome.mlflow_run_id else 0.0)
             done[index] = {"metrics": outcome.metrics, "mlflow_run_id": outcome.mlflow_run_id,
                            "checkpoint": outcome.checkpoint, "seconds": seconds}
     return done
