@@ -361,3 +361,12 @@ def test_cluster_launcher_yaml_fits_rays_schema() -> None:
     workers = raw["available_node_types"]["gpu_worker"]
     assert workers["min_workers"] == 0 < workers["max_workers"]  # autoscaled, to zero
     assert "RAY_AUTH_MODE=token" in " ".join(raw["docker"]["run_options"])
+
+
+@pytest.mark.parametrize("path", [p for p in SEARCH_SPACES if p.stem != "synthetic"],
+                         ids=lambda p: p.stem)
+def test_real_data_configs_recheck_their_best_configs(path: Path) -> None:
+    # The best of a noisy search is biased upwards: shipped searches crown a champion by a mean.
+    search = config.load(path).search
+    assert search.recheck is not None and search.recheck.seeds >= 2
+    assert search.recheck.top_k <= search.num_samples
