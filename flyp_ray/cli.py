@@ -247,7 +247,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from flyp_ray import demo
 
     cluster.init_ray()
-    summary = demo.run_demo(Path(args.dir))
+    summary, report = demo.run_demo(Path(args.dir))
+    cluster.shutdown_if_started()  # Ray's late log lines would land after the report
+    print(report, file=sys.stderr)
     print_json(summary)
     return 0 if summary.get("best_trial_id") is not None else 1
 

@@ -13,7 +13,6 @@ Nothing is downloaded. Everything lands in one folder (``./flyp-ray-demo`` by de
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -112,8 +111,8 @@ def report(cfg: config.Config, folder: Path, zero_shot: dict[str, float],
     ])
 
 
-def run_demo(folder: Path) -> dict[str, Any]:
-    """Pre-train (cached), measure zero-shot, search; returns the search summary."""
+def run_demo(folder: Path) -> tuple[dict[str, Any], str]:
+    """Pre-train (cached), measure zero-shot, search; the search summary and the report."""
     folder = folder.expanduser().resolve()
     folder.mkdir(parents=True, exist_ok=True)
     log.info("step 1/3: tiny CLIP pre-training on synthetic captions (cached)")
@@ -127,5 +126,4 @@ def run_demo(folder: Path) -> dict[str, Any]:
              cfg.search.max_concurrent_trials)
     summary = tune.run_search(cfg)
     summary["zero_shot_metrics"] = zero_shot
-    print(report(cfg, folder, zero_shot, summary), file=sys.stderr)
-    return summary
+    return summary, report(cfg, folder, zero_shot, summary)
