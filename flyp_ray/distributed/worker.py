@@ -11,9 +11,11 @@ the throughput there too (``perf/...``, :class:`ProgressLog`).
 from __future__ import annotations
 
 import logging
+import os
 import posixpath
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ import ray.util
 
 from flyp_ray.config import Config, objectives
 from flyp_ray.data import fewshot
+from flyp_ray.distributed.contract import MLFLOW_RUN, PLACEMENT_GROUP, RESUME_FROM, clock
 from flyp_ray.errors import ConfigError, TrialDiverged
 from flyp_ray.finetune import checkpoint, wiseft
 from flyp_ray.finetune.evaluate import unwrap
@@ -35,10 +38,7 @@ from flyp_ray.tracking import runs
 log = logging.getLogger(__name__)
 ASYNC = ray.train.CheckpointUploadMode.ASYNC
 
-RESUME_FROM = "resume_from"  # train_loop_config key: a checkpoint folder to start from
-MLFLOW_RUN = "mlflow_run_id"  # train_loop_config key: the run rank 0 logs to
 FINAL_FLUSH_RETRIES = 7  # backoff 1 + 2 + ... + 64 s: about two minutes for MLflow to return
-PLACEMENT_GROUP = "placement_group"  # reported key: the worker group's placement group id
 WISEFT_BEST = "wiseft_best"  # checkpoint meta key: epoch and score of WiSE-FT's finetuned end
 
 
@@ -274,13 +274,22 @@ def report_diverged(run: Run, metrics: dict[str, float], error: str) -> None:
                          checkpoint_dir_name=f"diverged_{int(metrics['epoch']):04d}")
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Entry point for ``TorchTrainer``: the whole training of one worker."""
+def train_loop_per_worker(loop_config: dict[str, Any], *, called: float | None = None,
+                          imported: float | None = None) -> None:
+    """The whole training of one worker (:func:`flyp_ray.distributed.trainer.train_loop_per_worker`
+    calls it, with when it was called and when this module's imports were done)."""
+    called = called if called is not None else clock()
+    imported = imported if imported is not None else called
     cfg: Config = loop_config["config"]
     run_id: str | None = loop_config.get(MLFLOW_RUN)
     run = worker_run(cfg)
+    restoring = time.perf_counter()
     start = restore(run, start_from(loop_config.get(RESUME_FROM)))
+    run.timings["restore"] = time.perf_counter() - restoring
     last = [start]
+    if run.rank == 0:
+        resumed = f"; resuming after epoch {start}" if start else ""
+        log.info("%s%s", startup_line(called, imported, run.timings), resumed)
     checkpoints = Checkpoints(cfg.tracking.uri, run_id if run.rank == 0 else None)
     readings = progress_log(run, cfg, run_id)
 
@@ -308,6 +317,30 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             runs.log_metrics(cfg.tracking.uri, run_id, metrics, step=last[0] + 1)
             runs.set_tags(cfg.tracking.uri, run_id, {"flyp_ray.status": "diverged",
                                                          "flyp_ray.error": str(err)})
+
+
+def process_started() -> float | None:
+    """When this process started, on the CLOCK_BOOTTIME scale (Linux; None elsewhere)."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: starttime, in ticks
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def startup_line(called: float, imported: float, timings: dict[str, float]) -> str:
+    """Where the worker's time went before its first step, as one log line.
+
+    ``process``: from the process's start to the training function's call (the interpreter,
+    Ray's worker and its set-up, the process group); ``imports``: the training code's (torch's
+    model libraries, MLflow, ...); the rest are :func:`build_run`'s parts and the restore.
+    """
+    started = process_started()
+    parts = {"process": called - started if started is not None else None,
+             "imports": imported - called, **timings}
+    total = clock() - (started if started is not None else called)
+    shown = ", ".join(f"{name} {s:.1f} s" for name, s in parts.items() if s is not None)
+    return f"start-up: {total:.1f} s before the first step ({shown})"
 
 
 def train_repeats(first: Run, cfg: Config, checkpoints: Checkpoints, run_id: str | None) -> Run:
