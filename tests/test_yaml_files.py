@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from flyp_ray import cli, config
+from flyp_ray import cli, config, preflight
 from flyp_ray.data import transfer
 from flyp_ray.distributed import submit
 from flyp_ray.finetune.model import tiny_config_path
@@ -72,6 +72,16 @@ def test_real_data_sets_use_the_paper_settings(name: str) -> None:
     assert t.epochs == {"camelyon17": 10, "csv_example": 10}.get(name, 20)
     assert t.warmup_steps == 500 and t.precision == "bf16"
     assert cfg.resources.gpus_per_worker >= 1
+
+
+@pytest.mark.parametrize("path", [p for p in SEARCH_SPACES if p.stem != "synthetic"],
+                         ids=lambda p: p.stem)
+def test_gpu_configs_feed_the_gpu(path: Path) -> None:
+    # Decoded once into the node's disk cache, read by loader processes on every CPU but one.
+    cfg = config.load(path)
+    assert cfg.resources.gpus_per_worker >= 1 and cfg.resources.cpus_per_worker >= 2
+    assert (cfg.dataset.cache, cfg.dataset.loader_workers) == ("disk", -1)
+    assert preflight.data_path_warnings(cfg) == []
 
 
 def test_synthetic_demo_validates_from_any_directory(monkeypatch: pytest.MonkeyPatch,
