@@ -118,6 +118,7 @@ class Checkpoints:
     def __init__(self, uri: str, run_id: str | None) -> None:
         self.uri, self.run_id = uri, run_id
         self.last: threading.Event | None = None  # set when the latest upload has ended
+        self.host: checkpoint.Contents | None = None  # host buffers, reused once written
         # The last epoch in MLflow, asked for at the first upload (off the start-up's path):
         # a restarted worker group (from epoch k's checkpoint, or from scratch) may have logged
         # epoch k+1 before it died, and each epoch is logged once, so the run has no duplicates.
@@ -132,10 +133,11 @@ class Checkpoints:
         """Rank 0's report of ``epoch``, with its checkpoint."""
         # One host copy at a time: a write slower than an epoch must not pile copies up.
         self.wait()
-        saved = checkpoint.on_host(checkpoint.contents(unwrap(run.model), run.state, epoch,
-                                                       metrics, checkpoint_extra(run)))
+        self.host = checkpoint.on_host(checkpoint.contents(unwrap(run.model), run.state, epoch,
+                                                           metrics, checkpoint_extra(run)),
+                                       reuse=self.host)
         done = threading.Event()
-        upload = self._upload(saved, epoch, metrics, done)
+        upload = self._upload(self.host, epoch, metrics, done)
         # Ray needs a local folder to hand to the upload; it stays empty, and Ray deletes it.
         local = ray.train.Checkpoint.from_directory(tempfile.mkdtemp(prefix="flyp_ray-ckpt-"))
         ray.train.report({**metrics, **placement_group()}, checkpoint=local,

@@ -55,22 +55,36 @@ def contents(model: torch.nn.Module, state: TrainingState, epoch: int,
                     meta={"epoch": epoch, "metrics": metrics, **(extra or {})})
 
 
-def on_host(saved: Contents) -> Contents:
+def on_host(saved: Contents, reuse: Contents | None = None) -> Contents:
     """A copy in host memory, so that training can change the weights while a thread writes it.
 
-    One device-to-host copy of each tensor (on a GPU that is the copy writing needs anyway); on
-    the CPU a clone, since the state dicts share their tensors with the model and optimizer.
+    ``reuse``: an earlier copy whose write has finished; its buffers take the new values in
+    place, so that only the first checkpoint of a run allocates (and, from a GPU, pins) its
+    host memory: 1.8 GB of fresh pages for a ViT-B/16 with AdamW every epoch cost seconds of
+    page faults. Copies from a GPU are queued without blocking and waited for once, at the end.
     """
-    return Contents(_copied(saved.model), _copied(saved.training), saved.meta)
+    copied = Contents(_copied(saved.model, reuse.model if reuse else None),
+                      _copied(saved.training, reuse.training if reuse else None), saved.meta)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()  # the queued copies have landed before a thread reads them
+    return copied
 
 
-def _copied(value: Any) -> Any:
+def _copied(value: Any, into: Any = None) -> Any:
     if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", copy=True)
+        source = value.detach()
+        if not (isinstance(into, torch.Tensor) and into.shape == source.shape
+                and into.dtype == source.dtype):
+            into = torch.empty(source.shape, dtype=source.dtype, device="cpu",
+                               pin_memory=source.is_cuda)
+        return into.copy_(source, non_blocking=source.is_cuda)
     if isinstance(value, dict):
-        return {k: _copied(v) for k, v in value.items()}
+        into = into if isinstance(into, dict) else {}
+        return {k: _copied(v, into.get(k)) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_copied(v) for v in value)
+        into = into if isinstance(into, (list, tuple)) and len(into) == len(value) else \
+            [None] * len(value)
+        return type(value)(_copied(v, i) for v, i in zip(value, into, strict=True))
     return value
 
 

@@ -43,6 +43,22 @@ def test_the_host_copy_keeps_the_epochs_values_while_training_goes_on(tmp_path: 
     assert all(torch.equal(first[k], moments[k]) for k in moments)
 
 
+def test_the_next_copy_reuses_the_host_buffers_of_the_last(tmp_path: Path) -> None:
+    model, state = trained()
+    first = checkpoint.on_host(checkpoint.contents(model, state, 1, {}))
+    buffer = first.model["0.weight"].data_ptr()
+    model(torch.randn(5, 4)).sum().backward()
+    state.optimizer.step()
+
+    second = checkpoint.on_host(checkpoint.contents(model, state, 2, {}), reuse=first)
+    assert second.model["0.weight"].data_ptr() == buffer  # no new allocation
+    assert torch.equal(second.model["0.weight"], model[0].weight)
+    assert second.training["epoch"] == 2
+    moments = state.optimizer.state_dict()["state"][0]
+    assert all(torch.equal(second.training["optimizer"]["state"][0][k], v)
+               for k, v in moments.items())
+
+
 def test_written_once_into_storage_and_read_back(tmp_path: Path) -> None:
     model, state = trained()
     folder = tmp_path / "run" / "epoch_0001"
