@@ -32,6 +32,7 @@ from _common import machine, median, spread  # noqa: E402
 
 from flyp_ray.config import DatasetConfig  # noqa: E402
 from flyp_ray.data import base, synthetic  # noqa: E402
+from flyp_ray.data.load import load_data  # noqa: E402
 
 
 def write_folder(root: Path, count: int, size: int) -> Path:
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             cfg = DatasetConfig(name="csv", root=str(root),  # type: ignore[arg-type]
                                 classnames=str(root / "classnames.txt"), cache=cache,
                                 cache_dir=str(Path(tmp) / "cache"))
-            return load.load_data(cfg, train_t, eval_t, "bench").splits["train"]
+            return load_data(cfg, train_t, eval_t, "bench").splits["train"]
 
         memory, disk = load("memory"), load("disk")
         rates["fill"].append(images_per_s(memory, args.batch, prepare=False))  # first pass decodes
