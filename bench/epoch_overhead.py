@@ -15,7 +15,10 @@ epochs after the first (``train``: the MLflow timestamps of its ``epoch`` metric
 own clock), so train, evaluation, checkpoint and reporting are all inside it. Fixed cost: the
 command's wall time less ``epochs`` steady-state epochs (start-up, the first epoch's warm-up,
 the model logged at the end, shutdown). The worker's own start-up line (``start-up: ...``) is
-printed for the train runs where it appears.
+printed for the train runs where it appears. Wall time on a shared machine measures the
+neighbours too, so the CPU seconds of the training process per steady-state epoch are printed
+beside it (the bare loop's own; the Ray Train worker's, read from /proc every 0.1 s): the work
+the training process does, but not what other processes do or what it waits for.
 
 ``--search-trials N`` measures a trial's fixed cost inside a search as well: ``flyp-ray tune``
 with N trials one after another (no early stopping), each of ``--epochs`` epochs. The gap
@@ -80,7 +83,7 @@ def bare_child(args: argparse.Namespace) -> None:
                         drop_last=True, pin_memory=device.type == "cuda")
     loss_fn = open_clip.ClipLoss()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
-    ends, train_s, eval_s = [], [], []
+    ends, cpu_ends, train_s, eval_s = [], [], [], []
     ready = time.time()
     for epoch in range(args.epochs):
         begin = time.perf_counter()
@@ -104,9 +107,11 @@ def bare_child(args: argparse.Namespace) -> None:
                 if name_ != "train":
                     evaluate_split(model, head, split.dataset, args.eval_batch, device)
         ends.append(time.time())
+        cpu_ends.append(time.process_time())
         train_s.append(middle - begin)
         eval_s.append(time.perf_counter() - middle)
-    print(json.dumps({"started": started, "ready": ready, "ends": ends, "train_s": train_s,
+    print(json.dumps({"started": started, "ready": ready, "ends": ends, "cpu_ends": cpu_ends,
+                      "train_s": train_s,
                       "eval_s": eval_s, "exited": time.time()}))
 
 
@@ -142,18 +147,69 @@ def child_env(cpus: int) -> dict[str, str]:
     return env
 
 
-def timed(argv: list[str], cpus: int, cwd: Path | None
-          ) -> tuple[subprocess.CompletedProcess[str], float, float]:
-    """Run a command; its wall seconds, and the CPU seconds of the processes it waited for (a
-    lower bound: a process that no one waits for, such as a daemon, is not counted)."""
+def timed(argv: list[str], cpus: int, cwd: Path | None, watch: bool = False
+          ) -> tuple[subprocess.CompletedProcess[str], float, float, list[tuple[float, float]]]:
+    """Run a command: its wall seconds, the CPU seconds of the processes it waited for (a lower
+    bound: a process that no one waits for, such as a daemon, is not counted) and, with
+    ``watch``, (time, CPU seconds so far) of its Ray Train worker process every 0.1 s."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.time()
-    done = subprocess.run(argv, env=child_env(cpus), cwd=cwd, capture_output=True, text=True,
-                          check=False)
-    wall = time.time() - start
+    samples: list[tuple[float, float]] = []
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(argv, env=child_env(cpus), cwd=cwd, stdout=out, stderr=err,
+                                text=True)
+        worker: int | None = None
+        while proc.poll() is None:
+            if watch:
+                worker = worker if worker is not None else train_worker(proc.pid)
+                cpu = process_cpu(worker) if worker is not None else None
+                if cpu is not None:
+                    samples.append((time.time(), cpu))
+            time.sleep(0.1)
+        wall = time.time() - start
+        out.seek(0)
+        err.seek(0)
+        done = subprocess.CompletedProcess(argv, proc.returncode, out.read(), err.read())
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
-    return done, wall, cpu
+    cpu_s = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return done, wall, cpu_s, samples
+
+
+def train_worker(root: int) -> int | None:
+    """The first ``ray::RayTrainWorker`` process below ``root``, if one runs yet."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    below, todo = [], [root]
+    while todo:
+        parent = todo.pop()
+        children = [c for c, p in parents.items() if p == parent]
+        below += children
+        todo += children
+    for pid in below:
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
+                return pid
+        except OSError:
+            continue
+    return None
+
+
+def process_cpu(pid: int) -> float | None:
+    """User + system CPU seconds of a process (all its threads) so far."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_at(samples: list[tuple[float, float]], moments: list[float]) -> list[float]:
+    """The CPU reading at (just before) each moment."""
+    return [max((c for t, c in samples if t <= moment), default=0.0) for moment in moments]
 
 
 def run_bare(args: argparse.Namespace) -> dict[str, Any]:
@@ -162,13 +218,14 @@ def run_bare(args: argparse.Namespace) -> dict[str, Any]:
             "--eval-batch", str(args.eval_batch), "--device", args.device]
     if args.subsample:
         argv += ["--subsample", str(args.subsample)]
-    done, wall, cpu = timed(argv, args.cpus, None)
+    done, wall, cpu, _ = timed(argv, args.cpus, None)
     if done.returncode != 0:
         raise SystemExit(f"bare loop failed:\n{done.stderr[-3000:]}")
     out = json.loads(done.stdout.strip().splitlines()[-1])
     evaluating, training = sum(out["eval_s"][1:]), sum(out["train_s"][1:])
     share = evaluating / (training + evaluating)
-    return {**summarise(out["ends"], wall, args.epochs, eval_share=share), "cpu_s": cpu}
+    return {**summarise(out["ends"], wall, args.epochs, eval_share=share), "cpu_s": cpu,
+            "epoch_cpu_s": steady(out["cpu_ends"])}
 
 
 def train_config(args: argparse.Namespace, folder: Path, trials: int = 0) -> Path:
@@ -203,7 +260,7 @@ def run_train(args: argparse.Namespace, index: int) -> dict[str, Any]:
         config = train_config(args, folder)
         argv = [sys.executable, "-m", "flyp_ray", "train", str(config), "--name", f"r{index}"]
         argv += [item for extra in args.set for item in ("--set", extra)]
-        done, wall, cpu = timed(argv, args.cpus, folder)
+        done, wall, cpu, samples = timed(argv, args.cpus, folder, watch=True)
         if done.returncode != 0:
             raise SystemExit(f"flyp-ray train failed:\n{done.stderr[-3000:]}")
         out = json.loads(done.stdout.strip().splitlines()[-1])
@@ -212,7 +269,8 @@ def run_train(args: argparse.Namespace, index: int) -> dict[str, Any]:
         ends = [m.timestamp / 1000 for m in sorted(history, key=lambda m: m.step)]
         startup = re.findall(r"start-up: [^\n]*", done.stderr)
         summary = summarise(ends, wall, args.epochs)
-        summary.update(startup=startup[-1] if startup else None, cpu_s=cpu)
+        summary.update(startup=startup[-1] if startup else None, cpu_s=cpu,
+                       epoch_cpu_s=steady(cpu_at(samples, ends)))
         return summary
 
 
@@ -225,7 +283,7 @@ def run_search(args: argparse.Namespace) -> dict[str, Any]:
         config = train_config(args, folder, trials=args.search_trials)
         argv = [sys.executable, "-m", "flyp_ray", "tune", str(config)]
         argv += [item for extra in args.set for item in ("--set", extra)]
-        done, wall, _ = timed(argv, args.cpus, folder)
+        done, wall, _, _ = timed(argv, args.cpus, folder)
         if done.returncode != 0:
             raise SystemExit(f"flyp-ray tune failed:\n{done.stderr[-3000:]}")
         summary = json.loads(done.stdout.strip().splitlines()[-1])
@@ -247,6 +305,11 @@ def run_search(args: argparse.Namespace) -> dict[str, Any]:
     return {"epoch_s": epoch, "trial_fixed_s": fixed, "wall_s": wall,
             "search_fixed_s": wall - args.search_trials * args.epochs * epoch,
             "startup": startup}
+
+
+def steady(readings: list[float]) -> float:
+    """The median increase between consecutive readings after the first epoch's."""
+    return statistics.median(b - a for a, b in zip(readings[1:], readings[2:], strict=False))
 
 
 def summarise(ends: list[float], wall: float, epochs: int,
@@ -285,22 +348,29 @@ def machine(args: argparse.Namespace) -> str:
 
 def compare(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     """Ratio of the steady-state epochs, fixed costs, and their lines."""
-    ratios = [t["epoch_s"] / b["epoch_s"] for b, t in zip(results[BARE], results[TRAIN],
-                                                          strict=True)]
-    out: dict[str, Any] = {"ratio_per_repeat": ratios, "ratio_median": median(ratios)}
+    pairs = list(zip(results[BARE], results[TRAIN], strict=True))
+    ratios = [t["epoch_s"] / b["epoch_s"] for b, t in pairs]
+    cpu_ratios = [t["epoch_cpu_s"] / b["epoch_cpu_s"] for b, t in pairs]
+    out: dict[str, Any] = {"ratio_per_repeat": ratios, "ratio_median": median(ratios),
+                           "cpu_ratio_per_repeat": cpu_ratios,
+                           "cpu_ratio_median": median(cpu_ratios)}
     for variant, rows in results.items():
         epochs = [r["epoch_s"] for r in rows]
         fixed = [r["fixed_s"] for r in rows]
         out[variant] = {"epoch_s": median(epochs), "epoch_noise": spread(epochs),
                         "fixed_s": median(fixed), "fixed_noise": spread(fixed),
                         "wall_s": median([r["wall_s"] for r in rows]),
-                        "cpu_s": median([r["cpu_s"] for r in rows])}
+                        "cpu_s": median([r["cpu_s"] for r in rows]),
+                        "epoch_cpu_s": median([r["epoch_cpu_s"] for r in rows])}
     shares = [r["eval_share"] for r in results[BARE] if r["eval_share"] is not None]
     out[BARE]["eval_share"] = median(shares) if shares else None
     b, t = out[BARE], out[TRAIN]
     print(f"steady-state epoch: bare {b['epoch_s']:.2f} s ({b['epoch_noise']}), train "
           f"{t['epoch_s']:.2f} s ({t['epoch_noise']}); train/bare {out['ratio_median']:.3f} "
           f"(median of per-repeat ratios {', '.join(f'{r:.3f}' for r in ratios)})")
+    print(f"training process CPU per steady-state epoch: bare {b['epoch_cpu_s']:.2f} s, train "
+          f"{t['epoch_cpu_s']:.2f} s; train/bare {out['cpu_ratio_median']:.3f} (per repeat "
+          f"{', '.join(f'{r:.3f}' for r in cpu_ratios)})")
     print(f"fixed cost: bare {b['fixed_s']:.1f} s ({b['fixed_noise']}), train "
           f"{t['fixed_s']:.1f} s ({t['fixed_noise']}); evaluation is "
           f"{100 * (b['eval_share'] or 0):.0f}% of a bare epoch")
@@ -349,7 +419,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
             gaps = ", ".join(f"{g:.2f}" for g in result["gaps"])
             print(f"repeat {i} {variant:>5}: epoch {result['epoch_s']:.2f} s (gaps {gaps}), "
                   f"wall {result['wall_s']:.1f} s, fixed {result['fixed_s']:.1f} s, "
-                  f"CPU {result['cpu_s']:.1f} s", flush=True)
+                  f"CPU {result['cpu_s']:.1f} s, training process CPU per epoch "
+                  f"{result['epoch_cpu_s']:.2f} s", flush=True)
             if result.get("startup"):
                 print(f"  {result['startup']}", flush=True)
     out: dict[str, Any] = {"machine": machine(args), "arch": Path(args.arch).stem,
