@@ -78,6 +78,7 @@ class TrainConfig:
     grad_checkpointing: bool = False  # recompute activations in backward: less memory, more FLOPs
     compile: bool = False  # torch.compile the model in place; off until measured on the target
     eval_splits: list[str] | None = None  # None: all splits every epoch; else these, all at the end
+    log_every_steps: int = 50  # throughput and loss every N optimizer steps (log, MLflow perf/)
     # Baselines, WiSE-FT and few-shot (docs in README's "Methods"):
     lp_l2: list[float] = dataclasses.field(  # lp/lpft: L2 pull towards the zero-shot head,
         default_factory=lambda: [1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0])  # chosen on id_val
@@ -461,6 +462,8 @@ def check_train(train: TrainConfig, source: str, prefix: str = "train") -> None:
     if train.k_shot is not None:
         _check(train.k_shot >= 1, source, k("k_shot"), train.k_shot, "must be >= 1")
     _check(train.repeats >= 1, source, k("repeats"), train.repeats, "must be >= 1")
+    _check(train.log_every_steps >= 1, source, k("log_every_steps"), train.log_every_steps,
+           "must be >= 1")
     if train.eval_splits is not None:
         # ood_test/<set>: one ImageNet shift set; _check_ood_sets checks it is one of the config's.
         allowed = SPLITS[1:] + tuple(f"ood_test/{s}" for s in OOD_SETS)

@@ -19,6 +19,7 @@ from flyp_ray.config import (
     BudgetConfig,
     Config,
     DatasetName,
+    ModelConfig,
     check_budget,
     did_you_mean,
     objectives,
@@ -217,7 +218,81 @@ def warnings(cfg: Config, facts: DataFacts) -> list[str]:
     if isinstance(templates, str) and templates != cfg.dataset.name and templates in DATASETS:
         found.append(f"{cfg.source}: dataset.templates: {templates!r} are another data set's "
                      f"prompts, for dataset {cfg.dataset.name} (copied from its config?)")
+    found += data_path_warnings(cfg)
+    found += cache_space_warnings(cfg, facts)
     return found
+
+
+def data_path_warnings(cfg: Config) -> list[str]:
+    """A GPU run whose images are decoded in the training process, or again every epoch.
+
+    One CPU core decodes and resizes about 300 images a second (docs/PERFORMANCE.md), a tenth
+    of what one GPU's step takes in: decoding in the training process, or every epoch, leaves
+    the GPU waiting for data most of the time.
+    """
+    from flyp_ray.finetune.run import loader_workers
+
+    d, r, src = cfg.dataset, cfg.resources, cfg.source
+    if r.gpus_per_worker <= 0:
+        return []
+    found = []
+    if loader_workers(cfg) == 0:
+        fix = ("set dataset.loader_workers: -1 (one per CPU of the worker but one)"
+               if d.loader_workers == 0 else
+               f"give the worker more CPUs than resources.cpus_per_worker: {r.cpus_per_worker:g}")
+        found.append(f"{src}: dataset.loader_workers: {d.loader_workers} with GPUs: the training "
+                     f"process decodes every image itself while the GPU waits; {fix}")
+    if d.cache == "none":
+        found.append(f"{src}: dataset.cache: none with GPUs: every epoch decodes every image "
+                     f"again (about 300 images/s per core); set dataset.cache: disk")
+    return found
+
+
+def image_size(model: ModelConfig) -> int | None:
+    """The side of the model's square input in pixels, from its open_clip config (None if the
+    config is not local, e.g. a hub model, or its input is not square)."""
+    import open_clip
+
+    from flyp_ray.errors import ModelError
+    from flyp_ray.finetune.model import resolve_arch
+
+    try:
+        config = open_clip.get_model_config(resolve_arch(model.arch))
+    except ModelError:
+        return None
+    size = (config or {}).get("vision_cfg", {}).get("image_size")
+    if isinstance(size, (list, tuple)):
+        size = size[0] if len(size) == 2 and size[0] == size[1] else None
+    return size if isinstance(size, int) else None
+
+
+def cache_space_warnings(cfg: Config, facts: DataFacts) -> list[str]:
+    """A disk cache that the free space under ``dataset.cache_dir`` cannot hold.
+
+    The cache stores every image of every split as uint8 pixels at the model's resolution
+    (3 x 224 x 224 bytes, 150 KB, for a ViT-B/16); a disk that fills up mid-epoch would stop the
+    run. Space the cache folder already takes counts as free: a filled cache is reused.
+    """
+    import shutil
+    from pathlib import Path
+
+    from flyp_ray.data import cache
+
+    d = cfg.dataset
+    size = image_size(cfg.model) if d.cache == "disk" and facts.splits else None
+    if size is None:
+        return []
+    needed = sum(s.size for s in facts.splits.values()) * (3 * size * size + 1)
+    folder = Path(d.cache_dir).expanduser() if d.cache_dir else cache.default_dir()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    used = sum(f.stat().st_blocks * 512 for f in folder.rglob("*") if f.is_file()) \
+        if folder.is_dir() else 0
+    free = shutil.disk_usage(existing).free + used
+    if needed <= free:
+        return []
+    return [f"{cfg.source}: dataset.cache_dir: the disk cache needs about {needed / 1e9:.1f} GB "
+            f"({size} px) under {folder}, where {free / 1e9:.1f} GB are free; set "
+            f"dataset.cache_dir to a larger node-local disk"]
 
 
 def report(checked: Checked) -> None:

@@ -30,9 +30,11 @@ def ray_session() -> Iterator[None]:
     import ray
 
     # Ray workers import test modules by their package name (tests.<wing>.test_x): functions
-    # defined in tests run there too, so the repository root goes on their path.
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=True,
-             runtime_env=runtime_env({"PYTHONPATH": str(REPO)}))
+    # defined in tests run there too, so the repository root goes on their path. "local": a
+    # Ray of the session's own, even where a `ray start` cluster runs on the machine (without
+    # it, ray.init joins that one, and refuses num_cpus).
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False,
+             log_to_driver=True, runtime_env=runtime_env({"PYTHONPATH": str(REPO)}, local=True))
     yield
     ray.shutdown()
 

@@ -167,6 +167,48 @@ def test_warnings_leave_validate_at_0(tmp_path: Path, capsys: pytest.CaptureFixt
         f"prompts, for dataset synthetic (copied from its config?)"]
 
 
+def test_a_gpu_config_that_decodes_in_the_training_process_is_warned_of(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    raw = tiny_config(tmp_path, resources={"gpus_per_worker": 1, "cpus_per_worker": 8})
+    path = write_config(tmp_path / "c.yaml", raw)
+    assert cli.main(["validate", str(path)]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines()
+                if line.startswith("flyp-ray: warn")]
+    assert warnings == [
+        f"flyp-ray: warning: {path}: dataset.loader_workers: 0 with GPUs: the training process "
+        f"decodes every image itself while the GPU waits; set dataset.loader_workers: -1 (one "
+        f"per CPU of the worker but one)",
+        f"flyp-ray: warning: {path}: dataset.cache: none with GPUs: every epoch decodes every "
+        f"image again (about 300 images/s per core); set dataset.cache: disk"]
+
+    fed = config.load(path, ["dataset.loader_workers=-1", "dataset.cache=disk",
+                             f"dataset.cache_dir={tmp_path / 'cache'}"])
+    assert preflight.data_path_warnings(fed) == []
+    one_cpu = config.load(path, ["dataset.loader_workers=-1", "resources.cpus_per_worker=1"])
+    (line, _) = preflight.data_path_warnings(one_cpu)
+    assert line.endswith("give the worker more CPUs than resources.cpus_per_worker: 1")
+    cpu_only = config.load(path, ["resources.gpus_per_worker=0"])
+    assert preflight.data_path_warnings(cpu_only) == []
+
+
+def test_a_disk_cache_the_disk_cannot_hold_is_warned_of(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    cache = tmp_path / "cache"
+    raw = tiny_config(tmp_path, dataset={"cache": "disk", "cache_dir": str(cache)})
+    cfg = config.load(write_config(tmp_path / "c.yaml", raw))
+    assert preflight.check(cfg).warnings == []
+    # 5 splits of 64 images at 32 px: 5 x 64 x (3 x 32 x 32 + 1) bytes, about 1 MB.
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(0, 0, 10**5))
+    (warning,) = preflight.check(cfg).warnings
+    assert f"dataset.cache_dir: the disk cache needs about 0.0 GB (32 px) under {cache}" in warning
+    # A cache that is already there takes the space it needs.
+    cache.mkdir()
+    (cache / "pixels").write_bytes(b"x" * 2 * 10**6)
+    assert preflight.check(cfg).warnings == []
+
+
 def test_a_good_config_passes_every_check(tmp_path: Path) -> None:
     cfg = config.load(write_config(tmp_path / "c.yaml", tiny_config(tmp_path)))
     checked = preflight.check(cfg)

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
-from flyp_ray import cli, config
+from flyp_ray import cli, config, preflight
 from flyp_ray.data import transfer
 from flyp_ray.data.prompts import TEMPLATES, templates_for
 from flyp_ray.distributed import submit
@@ -203,6 +203,16 @@ def test_search_ranges_are_centred_on_the_references(name: str) -> None:
     # The reference keeps the pretrained temperature: OpenAI CLIP's 0.01.
     assert temperature.log and temperature.low is not None and temperature.high is not None
     assert math.sqrt(temperature.low * temperature.high) == pytest.approx(0.01, rel=1e-9)
+
+
+@pytest.mark.parametrize("path", [p for p in SEARCH_SPACES if p.stem != "synthetic"],
+                         ids=lambda p: p.stem)
+def test_gpu_configs_feed_the_gpu(path: Path) -> None:
+    # Decoded once into the node's disk cache, read by loader processes on every CPU but one.
+    cfg = config.load(path)
+    assert cfg.resources.gpus_per_worker >= 1 and cfg.resources.cpus_per_worker >= 2
+    assert (cfg.dataset.cache, cfg.dataset.loader_workers) == ("disk", -1)
+    assert preflight.data_path_warnings(cfg) == []
 
 
 def test_synthetic_demo_validates_from_any_directory(monkeypatch: pytest.MonkeyPatch,

@@ -307,3 +307,14 @@ class CachedImages(torch.utils.data.Dataset[tuple[torch.Tensor, int, int]]):
     def fill_count(self) -> int:
         """How many items are cached so far."""
         return int(np.count_nonzero(self.store.filled))
+
+
+def fill_counter(dataset: Any) -> Callable[[], int] | None:
+    """How many items of ``dataset``'s cache are filled (in every process), if it has one.
+
+    Looks through wrappers that keep their data set in ``.dataset`` (a few-shot draw, a Subset).
+    A rise between two readings is the number of images decoded in between.
+    """
+    while dataset is not None and not isinstance(dataset, CachedImages):
+        dataset = getattr(dataset, "dataset", None)
+    return dataset.fill_count if dataset is not None else None

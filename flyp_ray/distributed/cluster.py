@@ -12,9 +12,18 @@ import socket
 from flyp_ray.config import Config
 from flyp_ray.errors import BadInput, ConfigError
 
-# Ray Train gives a worker group 60 s to start; on a busy or small machine, starting a worker
-# process that imports torch can take longer, and the trial would fail for no real reason.
-RAY_ENV = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300"}
+RAY_ENV = {
+    # Ray Train gives a worker group 60 s to start; on a busy or small machine, starting a
+    # worker process that imports torch can take longer, and the trial would fail for no reason.
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300",
+    # The Train controller polls its workers every 2 s by default, and only then sees a report
+    # or the end of training: each run and each epoch's report waited 1 s on average for it.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+}
+# A cluster on this machine (one that ray.init starts, or a `ray start` head found here) is
+# not drained for preemption: Ray Train's preemption watcher, one more actor process per run
+# that only reports drains, has nothing to watch there.
+LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 _STARTED_RAY: list[bool] = []  # not empty once this process's command has connected Ray
 
 
@@ -32,7 +41,7 @@ def init_ray(cfg: Config | None = None, address: str | None = None) -> None:
         check_reachable(address)
         try:
             ray.init(address=address, log_to_driver=True, configure_logging=False,
-                     runtime_env=runtime_env())
+                     runtime_env=runtime_env(local=address in (None, "local")))
             _STARTED_RAY.append(True)
         except (ConnectionError, TimeoutError) as err:
             raise BadInput(f"RAY_ADDRESS: cannot reach a Ray cluster at {address!r} "
@@ -88,9 +97,13 @@ def shutdown_if_started() -> None:
         _STARTED_RAY.clear()
 
 
-def runtime_env(env_vars: dict[str, str] | None = None) -> dict[str, object]:
-    """The runtime environment of a command's Ray job: its variables and :func:`own_cluster`."""
-    return {"env_vars": {**RAY_ENV, **(env_vars or {})},
+def runtime_env(env_vars: dict[str, str] | None = None, *,
+                local: bool = False) -> dict[str, object]:
+    """The runtime environment of a command's Ray job: its variables and :func:`own_cluster`.
+
+    ``local``: for a cluster started on this machine by this process (:data:`LOCAL_RAY_ENV`).
+    """
+    return {"env_vars": {**RAY_ENV, **(LOCAL_RAY_ENV if local else {}), **(env_vars or {})},
             "worker_process_setup_hook": f"{__name__}.{own_cluster.__name__}"}
 
 

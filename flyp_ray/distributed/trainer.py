@@ -19,10 +19,10 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from flyp_ray.config import Config, objectives
-from flyp_ray.distributed import worker
+from flyp_ray.distributed.contract import MLFLOW_RUN, RESUME_FROM, clock
 from flyp_ray.errors import FlypRayError
 from flyp_ray.finetune import wiseft
-from flyp_ray.tracking import registry, runs
+from flyp_ray.tracking import runs
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +77,22 @@ def build_trainer(cfg: Config, name: str, *, mlflow_run_id: str | None = None,
                                            checkpoint_score_order=mode),
         callbacks=callbacks,
     )
-    loop_config = {"config": cfg, worker.MLFLOW_RUN: mlflow_run_id,
-                   worker.RESUME_FROM: resume_from}
-    return TorchTrainer(worker.train_loop_per_worker, train_loop_config=loop_config,
+    loop_config = {"config": cfg, MLFLOW_RUN: mlflow_run_id, RESUME_FROM: resume_from}
+    return TorchTrainer(train_loop_per_worker, train_loop_config=loop_config,
                         scaling_config=scaling(cfg), run_config=run_config)
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Entry point for ``TorchTrainer``: the whole training of one worker.
+
+    Ray pickles this function by reference, so every process that builds a trainer imports
+    this module; the training code (torchvision, open_clip, ...) is imported here, when it runs
+    in a Train worker, so that a search's trial processes (one per trial) never pay for it.
+    """
+    called = clock()
+    from flyp_ray.distributed import worker
+
+    worker.train_loop_per_worker(loop_config, called=called, imported=clock())
 
 
 def best_of(result: ray.train.Result, metric: str,
@@ -196,6 +208,10 @@ def _find_or_start_run(cfg: Config, name: str, parent_run_id: str | None,
 
 def _log_model(cfg: Config, run_id: str, best: ray.train.Checkpoint) -> None:
     """Log the selected epoch's weights as an MLflow model of the run (never raises)."""
+    # Imported here: it brings open_clip and the data loaders, which a search's trial
+    # processes (they build trainers, never log models) need not import.
+    from flyp_ray.tracking import registry
+
     with best.as_directory() as folder:
         uri = registry.log_model(cfg, run_id, folder)
     if uri is not None:

@@ -3,14 +3,20 @@
 It builds the model and data, lets Ray wrap them for data parallelism, resumes from the latest
 checkpoint if Ray hands one back (a restarted worker group) or from ``resume_from``, runs the
 plain-torch loop, and after every epoch reports metrics and a checkpoint through
-``ray.train.report``. Rank 0 also writes the epoch's metrics to the trial's MLflow run.
+``ray.train.report``. Rank 0 writes the checkpoint in the background (:class:`Checkpoints`) and
+then the epoch's metrics to the trial's MLflow run; every ``train.log_every_steps`` steps it logs
+the throughput there too (``perf/...``, :class:`ProgressLog`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import posixpath
 import tempfile
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +27,7 @@ import ray.util
 
 from flyp_ray.config import Config, objectives
 from flyp_ray.data import fewshot
+from flyp_ray.distributed.contract import MLFLOW_RUN, PLACEMENT_GROUP, RESUME_FROM, clock
 from flyp_ray.errors import ConfigError, TrialDiverged
 from flyp_ray.finetune import checkpoint, wiseft
 from flyp_ray.finetune.evaluate import unwrap
@@ -29,11 +36,9 @@ from flyp_ray.finetune.run import Run, build_run
 from flyp_ray.tracking import runs
 
 log = logging.getLogger(__name__)
+ASYNC = ray.train.CheckpointUploadMode.ASYNC
 
-RESUME_FROM = "resume_from"  # train_loop_config key: a checkpoint folder to start from
-MLFLOW_RUN = "mlflow_run_id"  # train_loop_config key: the run rank 0 logs to
 FINAL_FLUSH_RETRIES = 7  # backoff 1 + 2 + ... + 64 s: about two minutes for MLflow to return
-PLACEMENT_GROUP = "placement_group"  # reported key: the worker group's placement group id
 WISEFT_BEST = "wiseft_best"  # checkpoint meta key: epoch and score of WiSE-FT's finetuned end
 
 
@@ -97,23 +102,128 @@ def epoch_dir(epoch: int) -> str:
     return f"epoch_{epoch:04d}"
 
 
-def report(run: Run, cfg: Config, run_id: str | None, epoch: int,
+class Checkpoints:
+    """Rank 0's checkpoints, written by Ray's upload thread straight into the run's storage.
+
+    ``ray.train.report(..., checkpoint_upload_mode=ASYNC)`` returns at once and uploads in a
+    background thread; Ray tells its controller (and so Tune) about the checkpoint only when the
+    upload is done. Here the upload *is* the write (``checkpoint_upload_fn``): from a host copy
+    of the state into the storage folder, so training goes on meanwhile and no file is written
+    to a local folder first to be copied again. The epoch's metrics go to MLflow at the end of
+    the upload: after its checkpoint is complete, before Tune can act on the report (a scheduler
+    that stops a trial kills this worker). A worker killed mid-upload resumes from the previous
+    checkpoint, and the epoch reaches MLflow once, when it is trained again.
+    """
+
+    def __init__(self, uri: str, run_id: str | None) -> None:
+        self.uri, self.run_id = uri, run_id
+        self.last: threading.Event | None = None  # set when the latest upload has ended
+        self.host: checkpoint.Contents | None = None  # host buffers, reused once written
+        # The last epoch in MLflow, asked for at the first upload (off the start-up's path):
+        # a restarted worker group (from epoch k's checkpoint, or from scratch) may have logged
+        # epoch k+1 before it died, and each epoch is logged once, so the run has no duplicates.
+        self.logged: int | None = None
+
+    def wait(self) -> None:
+        """Until the latest checkpoint is written and its epoch logged (or its write failed)."""
+        if self.last is not None:
+            self.last.wait()
+
+    def report(self, run: Run, epoch: int, metrics: dict[str, Any]) -> None:
+        """Rank 0's report of ``epoch``, with its checkpoint."""
+        # One host copy at a time: a write slower than an epoch must not pile copies up.
+        self.wait()
+        self.host = checkpoint.on_host(checkpoint.contents(unwrap(run.model), run.state, epoch,
+                                                           metrics, checkpoint_extra(run)),
+                                       reuse=self.host)
+        done = threading.Event()
+        upload = self._upload(self.host, epoch, metrics, done)
+        # Ray needs a local folder to hand to the upload; it stays empty, and Ray deletes it.
+        local = ray.train.Checkpoint.from_directory(tempfile.mkdtemp(prefix="flyp_ray-ckpt-"))
+        ray.train.report({**metrics, **placement_group()}, checkpoint=local,
+                         checkpoint_dir_name=epoch_dir(epoch), checkpoint_upload_mode=ASYNC,
+                         checkpoint_upload_fn=upload)
+        self.last = done
+
+    def _upload(self, saved: checkpoint.Contents, epoch: int, metrics: dict[str, Any],
+                done: threading.Event
+                ) -> Callable[[ray.train.Checkpoint, str], ray.train.Checkpoint]:
+        storage = ray.train.get_context().get_storage()
+
+        def upload(_local: ray.train.Checkpoint, name: str) -> ray.train.Checkpoint:
+            try:
+                # Ray's own check (made by its default upload) that this node sees the run's
+                # storage: a head node's local folder would otherwise fill this node's disk.
+                getattr(storage, "_check_validation_file", lambda: None)()
+                folder = storage.build_checkpoint_path_from_name(name)
+                checkpoint.write(saved, folder, storage.storage_filesystem)
+                self.log_epoch(epoch, metrics)
+                return ray.train.Checkpoint(folder, filesystem=storage.storage_filesystem)
+            finally:
+                done.set()
+
+        return upload
+
+    def log_epoch(self, epoch: int, metrics: dict[str, Any]) -> None:
+        """The epoch's metrics to MLflow (``step=epoch``), unless an earlier attempt did."""
+        if self.run_id is None:
+            return
+        if self.logged is None:
+            self.logged = runs.last_step(self.uri, self.run_id, "epoch")
+        if epoch > self.logged:
+            runs.log_metrics(self.uri, self.run_id, metrics, step=epoch)
+
+
+def report(run: Run, cfg: Config, checkpoints: Checkpoints, epoch: int,
            metrics: dict[str, float]) -> None:
-    """Checkpoint (rank 0 writes it) and report the epoch; rank 0 logs metrics to MLflow."""
-    # MLflow first: once Tune sees the report, a scheduler may stop the trial and kill this
-    # worker, and the epoch it stopped on must still reach MLflow.
-    if run.rank == 0 and run_id is not None:
-        runs.log_metrics(cfg.tracking.uri, run_id, metrics, step=epoch)
+    """Report the epoch with its checkpoint (rank 0 writes it, then logs the epoch to MLflow)."""
     check_objectives(cfg, epoch, metrics)
-    with tempfile.TemporaryDirectory() as tmp:
-        saved = None
-        if run.rank == 0:
-            checkpoint.save(Path(tmp), unwrap(run.model), run.state, epoch, metrics,
-                            checkpoint_extra(run))
-            saved = ray.train.Checkpoint.from_directory(tmp)
-        # Every worker calls report: it is a barrier, and metrics come from rank 0.
-        ray.train.report({**metrics, **placement_group()}, checkpoint=saved,
-                         checkpoint_dir_name=epoch_dir(epoch))
+    if run.rank == 0:
+        checkpoints.report(run, epoch, metrics)
+        return
+    # Every worker calls report: it is a barrier, and metrics come from rank 0.
+    ray.train.report({**metrics, **placement_group()}, checkpoint=None,
+                     checkpoint_dir_name=epoch_dir(epoch), checkpoint_upload_mode=ASYNC)
+
+
+class ProgressLog:
+    """Throughput readings to MLflow as ``perf/...`` metrics, sent from a thread, best effort.
+
+    Their step is the run's optimizer-step count: ``perf/`` curves have an axis of their own,
+    several points per epoch, where the per-epoch metrics use ``step=epoch`` (``perf/epoch``
+    maps one onto the other). A reading that finds the previous one still on its way is
+    dropped: the next one is a few seconds away, and training never waits for MLflow.
+    """
+
+    def __init__(self, uri: str, run_id: str, prefix: str = "perf/") -> None:
+        self.uri, self.run_id, self.prefix = uri, run_id, prefix
+        self.sending = threading.Lock()
+        self.thread: threading.Thread | None = None
+
+    def __call__(self, step: int, figures: dict[str, float]) -> None:
+        if not self.sending.acquire(blocking=False):
+            return
+        metrics = {f"{self.prefix}{k}": v for k, v in figures.items()}
+        self.thread = threading.Thread(target=self._send, args=(metrics, step), daemon=True,
+                                       name="flyp-ray-progress")
+        self.thread.start()
+
+    def _send(self, metrics: dict[str, float], step: int) -> None:
+        try:
+            runs.log_progress(self.uri, self.run_id, metrics, step)
+        finally:
+            self.sending.release()
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Let the last reading arrive before the worker process ends."""
+        if self.thread is not None:
+            self.thread.join(timeout_s)
+
+
+def progress_log(run: Run, cfg: Config, run_id: str | None,
+                 prefix: str = "perf/") -> ProgressLog | None:
+    """Rank 0's :class:`ProgressLog`, if the run is tracked."""
+    return ProgressLog(cfg.tracking.uri, run_id, prefix) if run.rank == 0 and run_id else None
 
 
 def check_objectives(cfg: Config, epoch: int, metrics: dict[str, float]) -> None:
@@ -166,27 +276,37 @@ def report_diverged(run: Run, metrics: dict[str, float], error: str) -> None:
                          checkpoint_dir_name=f"diverged_{int(metrics['epoch']):04d}")
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Entry point for ``TorchTrainer``: the whole training of one worker."""
+def train_loop_per_worker(loop_config: dict[str, Any], *, called: float | None = None,
+                          imported: float | None = None) -> None:
+    """The whole training of one worker (:func:`flyp_ray.distributed.trainer.train_loop_per_worker`
+    calls it, with when it was called and when this module's imports were done)."""
+    called = called if called is not None else clock()
+    imported = imported if imported is not None else called
     cfg: Config = loop_config["config"]
     run_id: str | None = loop_config.get(MLFLOW_RUN)
     run = worker_run(cfg)
+    restoring = time.perf_counter()
     start = restore(run, start_from(loop_config.get(RESUME_FROM)))
+    run.timings["restore"] = time.perf_counter() - restoring
     last = [start]
-    # A restarted worker group (from epoch k's checkpoint, or from scratch) may have logged
-    # epoch k+1 before it died: log each epoch to MLflow once, so the run has no duplicates.
-    logged = (runs.last_step(cfg.tracking.uri, run_id, "epoch")
-              if run.rank == 0 and run_id is not None else 0)
+    if run.rank == 0:
+        resumed = f"; resuming after epoch {start}" if start else ""
+        log.info("%s%s", startup_line(called, imported, run.timings), resumed)
+    checkpoints = Checkpoints(cfg.tracking.uri, run_id if run.rank == 0 else None)
+    readings = progress_log(run, cfg, run_id)
 
     def report_epoch(epoch: int, metrics: dict[str, float]) -> None:
-        report(run, cfg, run_id if epoch > logged else None, epoch, metrics)
+        report(run, cfg, checkpoints, epoch, metrics)
         last[0] = epoch
 
     try:
         if cfg.train.repeats > 1:
-            run = train_repeats(run, cfg, run_id)
+            run = train_repeats(run, cfg, checkpoints, run_id)
         else:
-            run_epochs(run, start, report_epoch)
+            run_epochs(run, start, report_epoch, readings)
+        checkpoints.wait()
+        if readings is not None:
+            readings.close()
         if run.rank == 0 and run_id is not None:
             # Metrics an MLflow outage held back: a last, longer try before the worker exits.
             runs.flush(cfg.tracking.uri, run_id, retries=FINAL_FLUSH_RETRIES)
@@ -194,13 +314,38 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         log.warning("run diverged: %s", err)
         metrics = diverged_metrics(last[0] + 1, dict(zip(*objectives(cfg.search), strict=True)))
         report_diverged(run, metrics, str(err))
+        checkpoints.wait()
         if run.rank == 0 and run_id is not None:
             runs.log_metrics(cfg.tracking.uri, run_id, metrics, step=last[0] + 1)
             runs.set_tags(cfg.tracking.uri, run_id, {"flyp_ray.status": "diverged",
                                                          "flyp_ray.error": str(err)})
 
 
-def train_repeats(first: Run, cfg: Config, run_id: str | None) -> Run:
+def process_started() -> float | None:
+    """When this process started, on the CLOCK_BOOTTIME scale (Linux; None elsewhere)."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: starttime, in ticks
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def startup_line(called: float, imported: float, timings: dict[str, float]) -> str:
+    """Where the worker's time went before its first step, as one log line.
+
+    ``process``: from the process's start to the training function's call (the interpreter,
+    Ray's worker and its set-up, the process group); ``imports``: the training code's (torch's
+    model libraries, MLflow, ...); the rest are :func:`build_run`'s parts and the restore.
+    """
+    started = process_started()
+    parts = {"process": called - started if started is not None else None,
+             "imports": imported - called, **timings}
+    total = clock() - (started if started is not None else called)
+    shown = ", ".join(f"{name} {s:.1f} s" for name, s in parts.items() if s is not None)
+    return f"start-up: {total:.1f} s before the first step ({shown})"
+
+
+def train_repeats(first: Run, cfg: Config, checkpoints: Checkpoints, run_id: str | None) -> Run:
     """Train on ``train.repeats`` few-shot draws, one after another; report mean and std once.
 
     Each draw's epochs go to MLflow as ``repeat/{draw}/...``; Ray sees one report, at the last
@@ -213,7 +358,7 @@ def train_repeats(first: Run, cfg: Config, run_id: str | None) -> Run:
         run = first if draw == 0 else worker_run(cfg, draw)
         finals.append(train_draw(run, cfg, run_id, draw))
     summary = fewshot.summarise(finals)
-    report(run, cfg, run_id, int(summary["epoch"]), summary)
+    report(run, cfg, checkpoints, int(summary["epoch"]), summary)
     return run
 
 
@@ -228,5 +373,8 @@ def train_draw(run: Run, cfg: Config, run_id: str | None, draw: int) -> dict[str
         final.clear()
         final.update(metrics)
 
-    run_epochs(run, 0, log_epoch)
+    readings = progress_log(run, cfg, run_id, f"repeat/{draw}/perf/")
+    run_epochs(run, 0, log_epoch, readings)
+    if readings is not None:
+        readings.close()
     return final

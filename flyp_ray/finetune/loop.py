@@ -16,27 +16,39 @@ do with the metrics (the Ray worker reports and checkpoints them).
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
+from flyp_ray.data import cache
 from flyp_ray.errors import TrialDiverged
-from flyp_ray.finetune import probe, wiseft
+from flyp_ray.finetune import probe, progress, wiseft
 from flyp_ray.finetune.classifier import ImageClassifier
 from flyp_ray.finetune.evaluate import autocast, evaluate_splits, unwrap
 from flyp_ray.finetune.model import clamp_logit_scale
 from flyp_ray.finetune.run import Run, text_head
 
+log = logging.getLogger(__name__)
+
 Report = Callable[[int, dict[str, float]], None]
+# (optimizer steps so far, figures): a reading of the throughput every train.log_every_steps
+Progress = Callable[[int, dict[str, float]], None]
 
 
 def draw_prompts(tokens: torch.Tensor, labels: torch.Tensor,
                  generator: torch.Generator) -> torch.Tensor:
-    """One prompt per image: its class with a template drawn at random (FLYP's pairing)."""
+    """One prompt per image: its class with a template drawn at random (FLYP's pairing).
+
+    The draw comes from ``generator`` on the host; the indexing happens where ``tokens`` are,
+    so that labels already on a GPU never travel back to the host (a sync every step).
+    """
     choice = torch.randint(tokens.shape[1], (labels.shape[0],), generator=generator)
-    return tokens[labels.cpu(), choice]
+    where = tokens.device
+    return tokens[labels.to(where, non_blocking=True), choice.to(where, non_blocking=True)]
 
 
 def loss_step(run: Run, images: torch.Tensor, labels: torch.Tensor,
@@ -50,8 +62,10 @@ def loss_step(run: Run, images: torch.Tensor, labels: torch.Tensor,
         labels = labels.to(run.device, non_blocking=True)
         with autocast(run.device, run.train.precision):
             return F.cross_entropy(run.model(images).float(), labels)
-    texts = draw_prompts(run.prompts, labels, generator).to(run.device, non_blocking=True)
+    if run.prompts.device != run.device:  # once: the prompt tokens live beside the model
+        run.prompts = run.prompts.to(run.device)
     labels = labels.to(run.device, non_blocking=True)
+    texts = draw_prompts(run.prompts, labels, generator)
     with autocast(run.device, run.train.precision):
         out = run.model(images, texts)
         return run.loss_fn(out["image_features"].float(), out["text_features"].float(),
@@ -73,36 +87,79 @@ def optimizer_step(run: Run, loss: torch.Tensor) -> None:
     clamp_logit_scale(unwrap(run.model), run.train.max_logit_scale)
 
 
-def all_finite(loss: torch.Tensor, world_size: int) -> bool:
-    """Whether the loss is finite on every worker.
+def all_finite(value: float, world_size: int, device: torch.device) -> bool:
+    """Whether a loss reading is finite on every worker.
 
     With the global loss every worker sees the same value; with ``local_loss`` each sees its own
     rows, and all must agree to stop together (a lone stopping worker would hang the others).
     """
-    finite = torch.isfinite(loss.detach()).float()
+    finite = math.isfinite(value)
     if world_size > 1:
-        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-    return bool(finite.item())
+        flag = torch.tensor(float(finite), device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        finite = bool(flag.item())
+    return finite
 
 
-def train_epoch(run: Run, epoch: int) -> dict[str, float]:
+def set_epoch(loader: object, epoch: int) -> None:
+    """Reshuffle a DistributedSampler (more than one worker): without it every epoch of a
+    data-parallel run would see its images in the same order."""
+    set_sampler_epoch = getattr(getattr(loader, "sampler", None), "set_epoch", None)
+    if set_sampler_epoch is not None:
+        set_sampler_epoch(epoch)
+
+
+def train_epoch(run: Run, epoch: int, report_progress: Progress | None = None) -> dict[str, float]:
     """One pass over the training data: ``train/loss``, ``train/lr``, ``train/temperature``."""
+    return _train_epoch(run, epoch, report_progress)[0]
+
+
+def _train_epoch(run: Run, epoch: int, report_progress: Progress | None
+                 ) -> tuple[dict[str, float], dict[str, float]]:
+    """:func:`train_epoch`, and the epoch's throughput figures (:mod:`.progress`).
+
+    The loss is summed on the device and read every ``train.log_every_steps`` steps and at the
+    end: reading it forces the host to wait for the device, and doing that every step would
+    stall the GPU between steps just to log a number. Divergence is caught at those readings:
+    a non-finite loss makes the sum non-finite, so at most ``log_every_steps - 1`` steps run on
+    after it before the trial stops, and they change nothing (a diverged trial keeps no weights).
+    """
     run.model.train()
+    set_epoch(run.loader, epoch)
     # Seeded per (seed, epoch, rank): a resumed run draws the same prompts as an uninterrupted one.
     generator = torch.Generator().manual_seed(run.train.seed * 100_003 + epoch * 101 + run.rank)
-    total, count = 0.0, 0
-    for step, (images, labels, _) in enumerate(run.loader):
+    every, steps = run.train.log_every_steps, len(run.loader)
+    meter = progress.Meter(run.world_size, cache.fill_counter(run.data.splits["train"].dataset))
+    pending = torch.zeros((), device=run.device)  # losses since the last reading, on the device
+    total, count, first = 0.0, 0, 1
+    batches = iter(run.loader)
+    for step in range(1, steps + 1):
+        asked = time.perf_counter()
+        images, labels, _ = next(batches)
+        waited = time.perf_counter() - asked
         loss = loss_step(run, images, labels, generator)
-        if not all_finite(loss, run.world_size if run.train.local_loss else 1):
-            raise TrialDiverged(f"loss is {loss.item()} at epoch {epoch}, step {step}")
         optimizer_step(run, loss)
-        total += loss.item()
-        count += 1
+        pending += loss.detach()
+        meter.step(labels.shape[0], waited)
+        if step % every and step != steps:
+            continue
+        window = pending.item()  # the one host sync of the window
+        if not all_finite(window, run.world_size if run.train.local_loss else 1, run.device):
+            raise TrialDiverged(f"loss is {window} at epoch {epoch}, in steps {first}-{step}")
+        pending.zero_()
+        figures = meter.reading()
+        if run.rank == 0 and step != steps:
+            log.info("epoch %d step %d/%d: %s, loss %.4g", epoch, step, steps,
+                     progress.line(figures), window / (step - first + 1))
+        total, count, first = total + window, step, step + 1
+        if report_progress is not None:
+            report_progress(run.state.scheduler.last_epoch,
+                            {**figures, "epoch": epoch - 1 + step / steps})
     metrics = {"train/loss": total / max(count, 1),
                "train/lr": run.state.optimizer.param_groups[0]["lr"]}
     if run.train.method == "flyp":  # the baselines keep CLIP's scale fixed
         metrics["train/temperature"] = 1.0 / unwrap(run.model).logit_scale.exp().item()
-    return metrics
+    return metrics, meter.epoch_figures()
 
 
 def head(run: Run) -> torch.Tensor:
@@ -151,11 +208,13 @@ def interim_metrics(run: Run, epoch: int) -> dict[str, float]:
             "wiseft/best/alpha": 1.0}
 
 
-def run_epochs(run: Run, start_epoch: int, report: Report) -> None:
+def run_epochs(run: Run, start_epoch: int, report: Report,
+               report_progress: Progress | None = None) -> None:
     """Train from ``start_epoch`` (the last finished one) to the end, reporting each epoch.
 
     ``zeroshot`` trains nothing: it reports the pretrained model's metrics as epoch 0. ``lp``
     reports its one fit as epoch 1; ``lpft`` fits the probe before its first epoch.
+    ``report_progress`` gets the throughput every ``train.log_every_steps`` steps.
     """
     method = run.train.method
     if method == "zeroshot":
@@ -167,9 +226,15 @@ def run_epochs(run: Run, start_epoch: int, report: Report) -> None:
         return
     for epoch in range(start_epoch + 1, run.train.epochs + 1):
         final = epoch == run.train.epochs
-        metrics = {"epoch": float(epoch), **(fitted if epoch == 1 else {}),
-                   **train_epoch(run, epoch)}
+        trained, figures = _train_epoch(run, epoch, report_progress)
+        metrics = {"epoch": float(epoch), **(fitted if epoch == 1 else {}), **trained}
+        evaluating = time.perf_counter()
         metrics.update(final_metrics(run, epoch) if final else interim_metrics(run, epoch))
+        if run.rank == 0:
+            # The epoch's summary: where its time went, and whether the GPU waited for data.
+            log.info("epoch %d/%d: train %.1f s (%s), eval %.1f s, train/loss %.4g", epoch,
+                     run.train.epochs, figures["seconds"], progress.line(figures),
+                     time.perf_counter() - evaluating, trained["train/loss"])
         report(epoch, metrics)
 
 

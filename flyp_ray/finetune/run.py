@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import time
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -97,6 +98,7 @@ class Run:
     eval_workers: int = 0
     zero_shot: wiseft.State | None = None  # the starting weights, kept for WiSE-FT
     best: wiseft.Best = dataclasses.field(default_factory=wiseft.Best)  # WiSE-FT's other end
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)  # seconds spent building
 
 
 def apply_speed_options(model: torch.nn.Module, train: TrainConfig) -> None:
@@ -161,13 +163,33 @@ def build_run(cfg: Config, device: torch.device, *, rank: int = 0, world_size: i
     ``prepare_model`` and ``prepare_loader`` are Ray Train's in a worker (DDP and sharding);
     ``draw`` numbers the few-shot draw (``train.repeats``), which seeds the images kept.
     """
+    clock = Clock()
     seed_everything(cfg.train.seed)  # identical initial weights on every worker
     loaded = load_model(cfg.model, cfg.source)
     apply_temperature(loaded.model, cfg.train)
+    clock.lap("model")
     data = load_data(cfg.dataset, loaded.preprocess_train, loaded.preprocess_eval, cfg.source)
     data = fewshot.few_shot(data, cfg.train.k_shot, cfg.train.seed + draw)
+    clock.lap("data")
     model = prepare_model(method_model(loaded.model, loaded.tokenizer, data, cfg.train, device))
     seed_everything(cfg.train.seed + rank)  # but different augmentations per worker
     loader = prepare_loader(train_loader(data, cfg, world_size, device))
-    return make_run(model, data, loaded.tokenizer, cfg.train, loader, device, rank=rank,
-                    world_size=world_size, eval_workers=loader_workers(cfg))
+    clock.lap("wrap")
+    run = make_run(model, data, loaded.tokenizer, cfg.train, loader, device, rank=rank,
+                   world_size=world_size, eval_workers=loader_workers(cfg))
+    clock.lap("state")
+    run.timings.update(clock.laps)
+    return run
+
+
+class Clock:
+    """Seconds between laps, by name: where building a run spends its time."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self.last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = now - self.last
+        self.last = now

@@ -38,7 +38,8 @@ from ray.tune.search import Searcher
 from ray.util.placement_group import PlacementGroup, remove_placement_group
 
 from flyp_ray.config import Config, objectives, planned_epochs, with_train
-from flyp_ray.distributed import trainer, worker
+from flyp_ray.distributed import trainer
+from flyp_ray.distributed.contract import PLACEMENT_GROUP
 from flyp_ray.errors import BadInput, ConfigError, FlypRayError, first_line, input_error
 from flyp_ray.finetune import wiseft
 from flyp_ray.search import budget, plots, recheck, space
@@ -181,7 +182,7 @@ def free_workers(result: Mapping[str, Any]) -> None:
 
     Never raises: an exception in a Tune callback aborts the whole search.
     """
-    group_hex = result.get(worker.PLACEMENT_GROUP)
+    group_hex = result.get(PLACEMENT_GROUP)
     if not isinstance(group_hex, str):
         return
     try:

@@ -179,6 +179,22 @@ def flush(uri: str, run_id: str, retries: int = RETRIES) -> bool:
     return True
 
 
+def log_progress(uri: str, run_id: str, metrics: Mapping[str, float], step: int) -> bool:
+    """Log throughput readings once, best effort: never retried, kept or raised.
+
+    A reading is stale by the next one, so a failed one is dropped rather than sent later
+    (and never holds up the per-epoch metrics, which :func:`log_metrics` keeps until sent).
+    """
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if _numeric(v)]
+    try:
+        MlflowClient(tracking_uri=uri).log_batch(run_id, metrics=batch)
+    except Exception as err:  # noqa: BLE001 - progress must never stop training
+        log.debug("MLflow progress reading dropped (%s: %s)", type(err).__name__, err)
+        return False
+    return True
+
+
 def last_step(uri: str, run_id: str, key: str) -> int:
     """The highest step of metric ``key`` in the run (-1 if none, or if MLflow is away)."""
     _, history = _retry("get_metric_history", lambda: MlflowClient(

@@ -13,6 +13,7 @@ import torch
 
 from flyp_ray import cli
 from tests.support.configs import tiny_config, write_config
+from tests.support.processes import train_workers
 from tests.support.wilds_folder import write_iwildcam
 
 pytestmark = pytest.mark.slow
@@ -68,6 +69,12 @@ def test_flyp_learns_the_synthetic_set(ray_session: None, tmp_path: Path,
     accuracy = history(raw["tracking"]["uri"], out["mlflow_run_id"], "id_val/acc")
     first, last = accuracy[0][1], accuracy[-1][1]
     assert last >= first + 0.15, accuracy  # six classes: chance is 0.17
+    # Throughput readings on an axis of their own, optimizer steps (18 an epoch), one at the
+    # end of each epoch here, where the epoch metrics have step = epoch.
+    readings = history(raw["tracking"]["uri"], out["mlflow_run_id"], "perf/epoch")
+    assert readings == [(18 * e, float(e)) for e in range(1, 6)]
+    speeds = history(raw["tracking"]["uri"], out["mlflow_run_id"], "perf/samples_per_s")
+    assert len(speeds) == 5 and all(v > 0 for _, v in speeds)
 
 
 def test_checkpoint_resumes_in_another_run(ray_session: None, tmp_path: Path,
@@ -117,7 +124,6 @@ def test_diverged_run_stops_and_says_so(ray_session: None, tmp_path: Path,
 def test_killed_worker_resumes_from_its_checkpoint(ray_session: None, tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     import signal
-    import subprocess
     import threading
     import time
 
@@ -139,11 +145,10 @@ def test_killed_worker_resumes_from_its_checkpoint(ray_session: None, tmp_path: 
             break
         assert time.monotonic() < deadline and thread.is_alive(), "no epoch was logged"
         time.sleep(0.5)
-    pids = subprocess.run(["pgrep", "-f", "ray::RayTrainWorker"], capture_output=True,
-                          text=True).stdout.split()
+    pids = train_workers()  # this session's, not every Train worker on the machine
     assert pids
     for pid in pids:
-        os.kill(int(pid), signal.SIGKILL)
+        os.kill(pid, signal.SIGKILL)
     thread.join(timeout=300)
 
     assert codes == [0]
@@ -151,3 +156,61 @@ def test_killed_worker_resumes_from_its_checkpoint(ray_session: None, tmp_path: 
     steps = [s for s, _ in history(uri, out["mlflow_run_id"], "epoch")]
     assert steps == [1, 2, 3, 4]  # every epoch once: no gap, no duplicate after the restart
     assert out["best_epoch"] in (1, 2, 3, 4)
+
+
+def test_worker_killed_while_its_checkpoint_uploads_resumes_from_the_last_complete_one(
+        ray_session: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # The upload of a checkpoint (Ray's asynchronous one) writes the files, then logs the epoch
+    # to MLflow, and only then reports it to Ray. Holding MLflow's database holds epoch 2's
+    # upload after its files are written: the worker is killed right there, with epoch 2 in
+    # storage but not yet a checkpoint that Ray knows of.
+    import signal
+    import sqlite3
+    import threading
+    import time
+
+    raw = tiny_config(tmp_path, dataset={"subsample": 128}, train={"epochs": 3, "batch_size": 16},
+                      resources={"max_failures": 1})
+    path = write_config(tmp_path / "c.yaml", raw)
+    uri = raw["tracking"]["uri"]
+    epoch_2 = tmp_path / "results" / "held" / "epoch_0002"
+    codes: list[int] = []
+    thread = threading.Thread(target=lambda: codes.append(
+        cli.main(["train", str(path), "--name", "held"])))
+    thread.start()
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    deadline = time.monotonic() + 240
+    while True:  # epoch 1 is in MLflow, and so is its checkpoint in Ray
+        runs = (client.search_runs([e.experiment_id for e in client.search_experiments()])
+                if Path(uri.removeprefix("sqlite:///")).exists() else [])
+        if runs and history(uri, runs[0].info.run_id, "epoch"):
+            break
+        assert time.monotonic() < deadline and thread.is_alive(), "no epoch was logged"
+        time.sleep(0.2)
+    held = sqlite3.connect(uri.removeprefix("sqlite:///"), timeout=60, isolation_level=None)
+    held.execute("BEGIN EXCLUSIVE")
+    try:
+        while not (epoch_2 / "meta.json").exists():  # written last
+            assert time.monotonic() < deadline and thread.is_alive(), "epoch 2 was not written"
+            time.sleep(0.1)
+        for pid in train_workers():
+            os.kill(pid, signal.SIGKILL)
+        killed = time.time()
+    finally:
+        held.execute("ROLLBACK")
+        held.close()
+    thread.join(timeout=300)
+
+    assert codes == [0]
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    logged = mlflow.MlflowClient(tracking_uri=uri).get_metric_history(out["mlflow_run_id"],
+                                                                      "epoch")
+    assert sorted(m.step for m in logged) == [1, 2, 3]  # each epoch once
+    # Epoch 2 reached MLflow only after the kill: the restart resumed from epoch 1, the last
+    # checkpoint whose upload had finished, and trained epoch 2 again (resuming from the
+    # half-uploaded epoch 2 would have skipped it, and MLflow would lack it).
+    assert next(m.timestamp for m in logged if m.step == 2) > killed * 1000
+    final = torch.load(epoch_2.parent / "epoch_0003" / "training.pt", weights_only=True)
+    assert final["epoch"] == 3
+    assert {float(s["step"]) for s in final["optimizer"]["state"].values()} == {3.0 * 128 / 16}

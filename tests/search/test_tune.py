@@ -30,8 +30,10 @@ pytestmark = pytest.mark.slow
 
 
 def search_config(tmp: Path, wilds_root: Path, name: str = "iwildcam", *, epochs: int,
-                  cpus: float = 0.5, **search: Any) -> Path:
-    raw = tiny_config(tmp, dataset={"name": "iwildcam", "root": str(wilds_root), "subsample": 16},
+                  cpus: float = 0.5, dataset: dict[str, Any] | None = None,
+                  **search: Any) -> Path:
+    raw = tiny_config(tmp, dataset={"name": "iwildcam", "root": str(wilds_root), "subsample": 16,
+                                    **(dataset or {})},
                       train={"epochs": epochs, "batch_size": 8, "warmup_steps": 1},
                       resources={"cpus_per_worker": cpus},
                       search={"space": LR_SPACE, **search})
@@ -178,8 +180,11 @@ def files_with_times(folder: Path) -> dict[str, float]:
 
 def test_killed_search_resumes_without_rerunning_finished_trials(
         ray_session: None, tmp_path: Path, wilds_root: Path) -> None:
+    # The trials share the node's disk cache: the second one decodes nothing.
+    cache = {"cache": "disk", "cache_dir": str(tmp_path / "cache")}
     path = search_config(tmp_path, wilds_root, epochs=1, metric="id_val/loss", mode="min",
-                         num_samples=2, max_concurrent_trials=1, scheduler={"type": "none"})
+                         num_samples=2, max_concurrent_trials=1, scheduler={"type": "none"},
+                         dataset=cache)
     search_dir = tmp_path / "results" / "search-iwildcam"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     # Its own local Ray, in its own process group: SIGKILL to the group takes all of it down.
@@ -214,8 +219,15 @@ def test_killed_search_resumes_without_rerunning_finished_trials(
     children = runs_of(client, "trial", parent.info.run_id)
     ids = [c.data.tags[runs.TRIAL_TAG] for c in children]
     assert sorted(ids) == sorted(set(ids)) and len(ids) == 2  # one run per trial, reused
+    decoded = {}
     for child in children:
         assert epochs_logged(client, child.info.run_id) == [1]
+        readings = client.get_metric_history(child.info.run_id, "perf/decoded")
+        decoded[child.data.tags[runs.TRIAL_TAG]] = [m.value for m in readings]
+    # The first trial's one epoch (one step of the folder's 8 training images) filled the
+    # training split's cache; the second trial, another process of another Ray, read it.
+    assert decoded.pop(done) == [8.0]
+    assert list(decoded.values()) == [[0.0]]
     assert files_with_times(search_dir / "trials" / done) == done_files  # not run again
     assert client.get_run(parent.info.run_id).info.status == "FINISHED"
     assert not (tmp_path / "results" / "search-iwildcam-2").exists()
