@@ -238,7 +238,10 @@ def test_tune_all_warm_starts_from_the_previous_best(ray_session: None, tmp_path
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     common = {"metric": "id_val/loss", "mode": "min", "num_samples": 2,
               "max_concurrent_trials": 2, "scheduler": {"type": "none"}, "warm_start": True}
-    first = search_config(tmp_path, wilds_root, "first", epochs=1, seed=3, **common)
+    # One trial is a best for the second search to start from; the second needs two, to
+    # show that only its first trial takes the previous best.
+    first = search_config(tmp_path, wilds_root, "first", epochs=1, seed=3,
+                          **{**common, "num_samples": 1})
     second = search_config(tmp_path, wilds_root, "second", epochs=1, seed=4, **common)
 
     assert cli.main(["tune-all", str(first), str(second)]) == 0
