@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import sqlite3
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -121,12 +125,21 @@ def test_diverged_run_stops_and_says_so(ray_session: None, tmp_path: Path,
     assert history(raw["tracking"]["uri"], run.info.run_id, "id_val/acc") == [(1, 0.0)]
 
 
+def wait_for_first_epoch(uri: str, thread: threading.Thread, timeout_s: float = 240) -> None:
+    """Until the run training in ``thread`` has logged epoch 1 to the sqlite store at ``uri``."""
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        runs = (client.search_runs([e.experiment_id for e in client.search_experiments()])
+                if Path(uri.removeprefix("sqlite:///")).exists() else [])
+        if runs and history(uri, runs[0].info.run_id, "epoch"):
+            return
+        assert time.monotonic() < deadline and thread.is_alive(), "no epoch was logged"
+        time.sleep(0.2)
+
+
 def test_killed_worker_resumes_from_its_checkpoint(ray_session: None, tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
-    import signal
-    import threading
-    import time
-
     raw = tiny_config(tmp_path, dataset={"subsample": 128},
                       train={"epochs": 4, "batch_size": 16},
                       resources={"max_failures": 1})
@@ -136,15 +149,7 @@ def test_killed_worker_resumes_from_its_checkpoint(ray_session: None, tmp_path: 
     thread = threading.Thread(target=lambda: codes.append(cli.main(["train", str(path)])))
     thread.start()
 
-    client = mlflow.MlflowClient(tracking_uri=uri)
-    deadline = time.monotonic() + 240
-    while True:  # wait for epoch 1 in MLflow, then kill the Train worker process for real
-        runs = (client.search_runs([e.experiment_id for e in client.search_experiments()])
-                if Path(uri.removeprefix("sqlite:///")).exists() else [])
-        if runs and history(uri, runs[0].info.run_id, "epoch"):
-            break
-        assert time.monotonic() < deadline and thread.is_alive(), "no epoch was logged"
-        time.sleep(0.5)
+    wait_for_first_epoch(uri, thread)  # then kill the Train worker process for real
     pids = train_workers()  # this session's, not every Train worker on the machine
     assert pids
     for pid in pids:
@@ -164,11 +169,6 @@ def test_worker_killed_while_its_checkpoint_uploads_resumes_from_the_last_comple
     # to MLflow, and only then reports it to Ray. Holding MLflow's database holds epoch 2's
     # upload after its files are written: the worker is killed right there, with epoch 2 in
     # storage but not yet a checkpoint that Ray knows of.
-    import signal
-    import sqlite3
-    import threading
-    import time
-
     raw = tiny_config(tmp_path, dataset={"subsample": 128}, train={"epochs": 3, "batch_size": 16},
                       resources={"max_failures": 1})
     path = write_config(tmp_path / "c.yaml", raw)
@@ -179,15 +179,8 @@ def test_worker_killed_while_its_checkpoint_uploads_resumes_from_the_last_comple
         cli.main(["train", str(path), "--name", "held"])))
     thread.start()
 
-    client = mlflow.MlflowClient(tracking_uri=uri)
+    wait_for_first_epoch(uri, thread)  # in MLflow, and so its checkpoint in Ray
     deadline = time.monotonic() + 240
-    while True:  # epoch 1 is in MLflow, and so is its checkpoint in Ray
-        runs = (client.search_runs([e.experiment_id for e in client.search_experiments()])
-                if Path(uri.removeprefix("sqlite:///")).exists() else [])
-        if runs and history(uri, runs[0].info.run_id, "epoch"):
-            break
-        assert time.monotonic() < deadline and thread.is_alive(), "no epoch was logged"
-        time.sleep(0.2)
     held = sqlite3.connect(uri.removeprefix("sqlite:///"), timeout=60, isolation_level=None)
     held.execute("BEGIN EXCLUSIVE")
     try:
