@@ -14,7 +14,7 @@ import math
 import re
 import types
 import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
@@ -522,6 +522,14 @@ def objectives(search: SearchConfig) -> tuple[list[str], list[str]]:
     metrics = search.metric if isinstance(search.metric, list) else [search.metric]
     modes = search.mode if isinstance(search.mode, list) else [search.mode]
     return list(metrics), list(modes)
+
+
+def best_first(items: Iterable[T], score: Callable[[T], float], mode: str) -> list[T]:
+    """``items`` ordered best first by ``score`` under a search ``mode`` (``max`` or ``min``).
+
+    The sort is stable: of equal scores the earlier item comes first.
+    """
+    return sorted(items, key=score, reverse=mode == "max")
 
 
 # Metrics whose direction is never in doubt: a search that maximises a loss is a typo.

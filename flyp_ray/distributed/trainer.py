@@ -18,7 +18,7 @@ import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from flyp_ray.config import Config, objectives
+from flyp_ray.config import Config, best_first, objectives
 from flyp_ray.distributed.contract import MLFLOW_RUN, RESUME_FROM, clock
 from flyp_ray.errors import FlypRayError
 from flyp_ray.finetune import wiseft
@@ -104,8 +104,7 @@ def best_of(result: ray.train.Result, metric: str,
         if result.checkpoint is None:
             raise FlypRayError(f"run {result.path} reported no checkpoint")
         return result.checkpoint, dict(result.metrics or {})
-    sign = 1.0 if mode == "max" else -1.0
-    return max(scored, key=lambda cm: sign * float(cm[1][metric]))
+    return best_first(scored, lambda cm: float(cm[1][metric]), mode)[0]
 
 
 def new_name(cfg: Config) -> str:

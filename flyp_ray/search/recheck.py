@@ -23,7 +23,7 @@ from typing import Any
 
 import ray
 
-from flyp_ray.config import Config, objectives, with_train
+from flyp_ray.config import Config, best_first, objectives, with_train
 from flyp_ray.distributed import trainer
 from flyp_ray.errors import first_line
 from flyp_ray.tracking import runs
@@ -54,7 +54,7 @@ def top_records(cfg: Config, records: Sequence[Record], k: int) -> list[Record]:
     """The ``k`` trials best on the search metric (those that reported it), best first."""
     metric, mode = objectives(cfg.search)[0][0], objectives(cfg.search)[1][0]
     scored = [r for r in records if metric in r["metrics"]]
-    return sorted(scored, key=lambda r: r["metrics"][metric], reverse=mode == "max")[:k]
+    return best_first(scored, lambda r: r["metrics"][metric], mode)[:k]
 
 
 def plan(cfg: Config, records: Sequence[Record]) -> list[Seeded]:
@@ -189,18 +189,14 @@ def champion(cfg: Config, rechecked: Sequence[Mapping[str, Any]]) -> Mapping[str
     """The re-checked config best on the mean of the search metric."""
     metric, mode = objectives(cfg.search)[0][0], objectives(cfg.search)[1][0]
     scored = [r for r in rechecked if metric in r["mean"]]
-    if not scored:
-        return None
-    sign = 1.0 if mode == "max" else -1.0
-    return max(scored, key=lambda r: sign * r["mean"][metric])
+    return best_first(scored, lambda r: r["mean"][metric], mode)[0] if scored else None
 
 
 def best_seed(cfg: Config, config: Mapping[str, Any]) -> Mapping[str, Any]:
     """The champion config's run best on the search metric: the model that is registered."""
     metric, mode = objectives(cfg.search)[0][0], objectives(cfg.search)[1][0]
-    sign = 1.0 if mode == "max" else -1.0
     finished = [r for r in config["runs"] if metric in r.get("metrics", {})]
-    return max(finished, key=lambda r: sign * r["metrics"][metric])
+    return best_first(finished, lambda r: r["metrics"][metric], mode)[0]
 
 
 def recheck(cfg: Config, records: Sequence[Record], parent_run_id: str,

@@ -37,7 +37,7 @@ from ray.tune.schedulers import ASHAScheduler, HyperBandScheduler, TrialSchedule
 from ray.tune.search import Searcher
 from ray.util.placement_group import PlacementGroup, remove_placement_group
 
-from flyp_ray.config import Config, objectives, planned_epochs, with_train
+from flyp_ray.config import Config, best_first, objectives, planned_epochs, with_train
 from flyp_ray.distributed import trainer
 from flyp_ray.distributed.contract import PLACEMENT_GROUP
 from flyp_ray.errors import BadInput, ConfigError, FlypRayError, first_line, input_error
@@ -475,8 +475,8 @@ def pareto_front(cfg: Config, records: Sequence[dict[str, Any]]) -> list[dict[st
     ``best_trials``), with their params and objective values; best on the first metric first."""
     metrics, modes = objectives(cfg.search)
     front = plots.highlighted(plots.study_from_records(cfg, records))
-    chosen = [r for r in records if r["trial_id"] in front]
-    chosen.sort(key=lambda r: r["metrics"][metrics[0]], reverse=modes[0] == "max")
+    chosen = best_first((r for r in records if r["trial_id"] in front),
+                        lambda r: r["metrics"][metrics[0]], modes[0])
     return [{"trial_id": r["trial_id"], "params": r["params"],
              "metrics": {m: r["metrics"][m] for m in metrics}} for r in chosen]
 
@@ -601,8 +601,7 @@ def _mlflow_bests(cfg: Config) -> list[dict[str, Any]]:
             continue
         if "flyp_ray.best_config" in tags:
             scored.append((value, json.loads(tags["flyp_ray.best_config"])))
-    scored.sort(key=lambda vc: vc[0], reverse=mode == "max")
-    return [config for _, config in scored]
+    return [config for _, config in best_first(scored, lambda vc: vc[0], mode)]
 
 
 def run_all(configs: Sequence[Config]) -> list[dict[str, Any]]:
