@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import ray.tune
@@ -26,9 +26,14 @@ from flyp_ray.config import Config, planned_epochs
 log = logging.getLogger(__name__)
 
 
-def spent(cfg: Config, seconds: Sequence[float]) -> float:
+def spent(cfg: Config, seconds: Iterable[float]) -> float:
     """Worker-hours (GPU-hours) of trials that ran ``seconds`` each at ``cfg``'s rate."""
-    return cfg.resources.hourly_rate * sum(seconds) / 3600
+    return hours(cfg.resources.hourly_rate, seconds)
+
+
+def hours(hourly_rate: float, seconds: Iterable[float]) -> float:
+    """Worker-hours of runs that took ``seconds`` each, at ``hourly_rate`` workers (or GPUs)."""
+    return hourly_rate * sum(seconds) / 3600
 
 
 class Ledger:
@@ -46,7 +51,7 @@ class Ledger:
 
     @property
     def spent(self) -> float:
-        return self.rate * sum(self.seconds.values()) / 3600
+        return hours(self.rate, self.seconds.values())
 
     @property
     def exhausted(self) -> bool:
