@@ -187,6 +187,10 @@ def test_killed_search_resumes_without_rerunning_finished_trials(
                          dataset=cache)
     search_dir = tmp_path / "results" / "search-iwildcam"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # Tune snapshots the experiment at most every 10 s by default (longer on a loaded machine):
+    # time enough for the cached second trial to finish unseen. A snapshot each loop step
+    # makes the first snapshot with a finished trial come before the second can finish.
+    env["TUNE_GLOBAL_CHECKPOINT_S"] = "0"
     # Its own local Ray, in its own process group: SIGKILL to the group takes all of it down.
     proc = subprocess.Popen([sys.executable, "-m", "flyp_ray", "tune", str(path)], env=env,
                             stdout=subprocess.DEVNULL, stderr=open(tmp_path / "first.log", "w"),
@@ -196,7 +200,7 @@ def test_killed_search_resumes_without_rerunning_finished_trials(
         while "TERMINATED" not in experiment_statuses(search_dir).values():
             assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "no trial finished in time"
-            time.sleep(1)
+            time.sleep(0.2)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
