@@ -186,6 +186,10 @@ def searcher(cfg: Config, study_name: str, points: Sequence[Point] = ()) -> Optu
                                                       "to search (e.g. lr)")
     metrics, modes = objectives(cfg.search)
     single = len(metrics) == 1
+    # Optuna logs "A new study created in memory" on stderr at INFO, for every searcher: noise
+    # before a search (and before the one-line error of a bad one); Tune and MLflow report the
+    # trials. Its warnings still show.
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     return OptunaSearch(space=space, metric=metrics[0] if single else metrics,
                         mode=modes[0] if single else modes,
                         points_to_evaluate=list(points) or None,
