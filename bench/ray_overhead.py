@@ -3,7 +3,9 @@
 Prints the steady-state throughput of each and their ratio (target: Ray within 2% of plain).
 The two are measured in turns (plain, Ray, plain, Ray, ...) so that a machine shared with other
 work slows both alike; the medians are compared. Ray's start-up (a TorchTrainer's worker group)
-is reported separately: it is paid once per trial, not per step.
+is reported separately: it is paid once per trial, not per step, beside the floor under it:
+a ``TorchTrainer.fit()`` whose worker only reports (Ray Train's own processes and set-up), and
+``--tune-trials N`` such runs as the trials of a Tune search, one at a time (a trial's floor).
 
     python bench/ray_overhead.py                       # tiny ViT, CPU, 2 threads
     python bench/ray_overhead.py --arch ViT-B-16 --precision bf16 --batch 256 --device cuda
@@ -26,10 +28,12 @@ sys.path.insert(0, HERE)
 
 import ray  # noqa: E402
 import ray.train  # noqa: E402
+import ray.tune  # noqa: E402
 import torch  # noqa: E402
 from _common import build_step, machine, median, spread, time_steps  # noqa: E402
 from ray.train.torch import TorchTrainer  # noqa: E402
 
+from flyp_ray.distributed.cluster import runtime_env  # noqa: E402
 from flyp_ray.finetune.model import tiny_config_path  # noqa: E402
 
 
@@ -61,20 +65,47 @@ def ray_worker(config: dict[str, Any]) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
-def in_ray(config: dict[str, Any], storage: str, index: int) -> tuple[dict[str, float], float]:
-    """One TorchTrainer run with one worker: (its measurement, seconds fit() took)."""
+def report_only(_config: dict[str, Any]) -> None:
+    """A worker that does nothing but report: what is left of a run is Ray Train's own."""
+    ray.train.report({"done": 1.0})
+
+
+def fit_seconds(worker: Any, config: dict[str, Any], storage: str, name: str
+                ) -> tuple[Any, float]:
+    """One TorchTrainer run of ``worker`` with one worker: (its result, seconds fit() took)."""
     resources = {"CPU": float(config["threads"])}
     if config["device"] == "cuda":
         resources["GPU"] = 1.0
     trainer = TorchTrainer(
-        ray_worker, train_loop_config=config,
+        worker, train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(num_workers=1, use_gpu=config["device"] == "cuda",
                                                resources_per_worker=resources),
-        run_config=ray.train.RunConfig(name=f"overhead-{index}", storage_path=storage))
+        run_config=ray.train.RunConfig(name=name, storage_path=storage))
     start = time.perf_counter()
     result = trainer.fit()
-    metrics = {k: float(result.metrics[k]) for k in ("pairs_per_s", "pairs_per_cpu_s")}
-    return metrics, time.perf_counter() - start
+    return result, time.perf_counter() - start
+
+
+def tune_floor(config: dict[str, Any], storage: str, trials: int) -> float:
+    """Seconds per trial of a Tune search whose trials each fit a report-only TorchTrainer."""
+    one_cpu = {**config, "threads": 1}  # beside the trial's own sliver of a CPU
+
+    def trial(_params: dict[str, Any]) -> None:
+        fit_seconds(report_only, one_cpu, storage, f"trial-{ray.tune.get_context().get_trial_id()}")
+
+    tuner = ray.tune.Tuner(
+        ray.tune.with_resources(trial, {"CPU": 0.01}),
+        tune_config=ray.tune.TuneConfig(num_samples=trials, max_concurrent_trials=1),
+        run_config=ray.tune.RunConfig(name="floor", storage_path=storage, verbose=0))
+    start = time.perf_counter()
+    tuner.fit()
+    return (time.perf_counter() - start) / trials
+
+
+def in_ray(config: dict[str, Any], storage: str, index: int) -> tuple[dict[str, float], float]:
+    """One TorchTrainer run with one worker: (its measurement, seconds fit() took)."""
+    result, seconds = fit_seconds(ray_worker, config, storage, f"overhead-{index}")
+    return {k: float(result.metrics[k]) for k in ("pairs_per_s", "pairs_per_cpu_s")}, seconds
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -86,6 +117,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=5, help="plain/Ray pairs, interleaved")
     p.add_argument("--threads", type=int, default=2, help="torch threads = Ray worker CPUs")
+    p.add_argument("--tune-trials", type=int, default=0,
+                   help="also time a Tune search of this many report-only trials")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_args(argv)
 
@@ -98,11 +131,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     config = {"arch": arch, "batch": args.batch, "precision": args.precision,
               "steps": args.steps, "warmup": args.warmup, "threads": args.threads,
               "device": args.device}
+    # The product's Ray settings (its health-check interval, no preemption watcher here).
     ray.init(num_cpus=max(args.threads, os.cpu_count() or 1), include_dashboard=False,
-             log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": HERE}})
+             log_to_driver=False, runtime_env=runtime_env({"PYTHONPATH": HERE}, local=True))
     plain: dict[str, list[float]] = {"pairs_per_s": [], "pairs_per_cpu_s": []}
     in_worker: dict[str, list[float]] = {"pairs_per_s": [], "pairs_per_cpu_s": []}
-    startup = []
+    startup, floor = [], []
     with tempfile.TemporaryDirectory() as storage:
         for i in range(args.repeats):
             for key, value in measure(config).items():
@@ -111,12 +145,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for key, value in metrics.items():
                 in_worker[key].append(value)
             startup.append(wall)
+            floor.append(fit_seconds(report_only, config, storage, f"floor-{i}")[1])
             print(f"repeat {i}: plain {plain['pairs_per_s'][-1]:.1f} pairs/s "
                   f"({plain['pairs_per_cpu_s'][-1]:.1f} per CPU-s), Ray "
                   f"{metrics['pairs_per_s']:.1f} ({metrics['pairs_per_cpu_s']:.1f})", flush=True)
+        per_trial = tune_floor(config, storage, args.tune_trials) if args.tune_trials else None
     ray.shutdown()
     out: dict[str, Any] = {"arch": args.arch, "batch": args.batch, "precision": args.precision,
-                           "ray_fit_seconds": median(startup), "machine": machine()}
+                           "ray_fit_seconds": median(startup),
+                           "report_only_fit_seconds": median(floor),
+                           "report_only_tune_trial_seconds": per_trial, "machine": machine()}
     for key in ("pairs_per_s", "pairs_per_cpu_s"):
         p, r = plain[key], in_worker[key]
         out[key] = {"plain_median": median(p), "ray_median": median(r),
@@ -127,7 +165,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"{key}: plain median {o['plain_median']:.1f} ({o['plain_noise']}), Ray "
               f"{o['ray_median']:.1f} ({o['ray_noise']}); ray/plain {o['ratio_of_medians']:.3f} "
               f"(medians), {o['ratio_of_bests']:.3f} (bests)")
-    print(f"a TorchTrainer.fit() with this work took {out['ray_fit_seconds']:.1f} s")
+    print(f"a TorchTrainer.fit() with this work took {out['ray_fit_seconds']:.1f} s; one whose "
+          f"worker only reports {out['report_only_fit_seconds']:.1f} s ({spread(floor)})")
+    if per_trial is not None:
+        print(f"a Tune trial that fits such a run: {per_trial:.1f} s each, "
+              f"{args.tune_trials} in a row")
     print(json.dumps(out))
     return out
 
