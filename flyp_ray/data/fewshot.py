@@ -7,6 +7,7 @@ trains on the same images. ``train.repeats`` draws again with seeds ``seed, seed
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -56,13 +57,23 @@ def few_shot(data: Data, k: int | None, seed: int) -> Data:
     return dataclasses.replace(data, splits={**data.splits, "train": train})
 
 
+def mean_std(finals: Sequence[Mapping[str, float]]) -> tuple[dict[str, float],
+                                                           dict[str, float]]:
+    """Mean and sample standard deviation (0 for one value) of each metric every repeat has."""
+    if not finals:
+        return {}, {}
+    keys = [k for k in finals[0] if all(k in f for f in finals)]
+    values = {k: torch.tensor([f[k] for f in finals], dtype=torch.float64) for k in keys}
+    return ({k: float(v.mean()) for k, v in values.items()},
+            {k: float(v.std()) if len(v) > 1 else 0.0 for k, v in values.items()})
+
+
 def summarise(finals: list[dict[str, float]]) -> dict[str, float]:
     """Mean of each metric over the repeats, and its standard deviation as ``{name}_std``."""
-    keys = [k for k in finals[0] if all(k in f for f in finals)]
+    mean, std = mean_std(finals)
     out: dict[str, float] = {"repeats": float(len(finals))}
-    for key in keys:
-        values = torch.tensor([f[key] for f in finals], dtype=torch.float64)
-        out[key] = float(values.mean())
+    for key, value in mean.items():
+        out[key] = value
         if key != "epoch":
-            out[f"{key}_std"] = float(values.std()) if len(values) > 1 else 0.0
+            out[f"{key}_std"] = std[key]
     return out

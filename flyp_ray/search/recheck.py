@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -24,6 +23,7 @@ from typing import Any
 import ray
 
 from flyp_ray.config import Config, best_first, objectives, with_train
+from flyp_ray.data import fewshot
 from flyp_ray.distributed import trainer
 from flyp_ray.errors import first_line
 from flyp_ray.tracking import runs
@@ -151,7 +151,7 @@ def summarise(cfg: Config, planned: Sequence[Seeded],
     out = []
     for trial_id, pairs in by_trial.items():
         finished = [r["metrics"] for _, r in pairs if "metrics" in r]
-        mean, std = _mean_std(finished)
+        mean, std = fewshot.mean_std(finished)
         out.append({
             "trial_id": trial_id,
             "config": pairs[0][0].params,
@@ -171,18 +171,6 @@ def _run_entry(cfg: Config, seeded: Seeded, result: Mapping[str, Any]) -> dict[s
         entry["metrics"] = {m: result["metrics"][m] for m in objectives(cfg.search)[0]
                             if m in result["metrics"]}
     return entry
-
-
-def _mean_std(finished: Sequence[Mapping[str, float]]) -> tuple[dict[str, float],
-                                                                dict[str, float]]:
-    """Mean and (sample) standard deviation of each metric every finished seed reported."""
-    if not finished:
-        return {}, {}
-    shared = set.intersection(*(set(m) for m in finished))
-    mean = {k: sum(m[k] for m in finished) / len(finished) for k in sorted(shared)}
-    std = {k: (math.sqrt(sum((m[k] - mean[k]) ** 2 for m in finished) / (len(finished) - 1))
-               if len(finished) > 1 else 0.0) for k in mean}
-    return mean, std
 
 
 def champion(cfg: Config, rechecked: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
