@@ -306,10 +306,11 @@ def test_two_workers_match_the_one_process_reference(ray_session: None, tmp_path
         run_config=RunConfig(name="recipe-ddp", storage_path=str(tmp_path / "ray")),
     )
     trainer.fit()
-    for rank in (0, 1):
-        results = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
-        for recipe, start in DDP_CASES:
-            ours, reference = results[f"{recipe}-{start}"], _reference_run(recipe, starts[start], 2)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    for recipe, start in DDP_CASES:
+        reference = _reference_run(recipe, starts[start], 2)
+        for rank, results in enumerate(ranks):
+            ours = results[f"{recipe}-{start}"]
             name = f"{recipe}, start {start}, 2 workers, rank {rank} vs one-process reference"
             _report(f"{name}, all parameters", _gaps(ours, reference))
             gaps = _gaps(ours, reference, skip_key_bias=True)
