@@ -52,7 +52,7 @@ class Seeded:
 
 def top_records(cfg: Config, records: Sequence[Record], k: int) -> list[Record]:
     """The ``k`` trials best on the search metric (those that reported it), best first."""
-    metric, mode = objectives(cfg.search)[0][0], objectives(cfg.search)[1][0]
+    metric, mode = trainer.selection(cfg)
     scored = [r for r in records if metric in r["metrics"]]
     return best_first(scored, lambda r: r["metrics"][metric], mode)[:k]
 
@@ -175,14 +175,14 @@ def _run_entry(cfg: Config, seeded: Seeded, result: Mapping[str, Any]) -> dict[s
 
 def champion(cfg: Config, rechecked: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
     """The re-checked config best on the mean of the search metric."""
-    metric, mode = objectives(cfg.search)[0][0], objectives(cfg.search)[1][0]
+    metric, mode = trainer.selection(cfg)
     scored = [r for r in rechecked if metric in r["mean"]]
     return best_first(scored, lambda r: r["mean"][metric], mode)[0] if scored else None
 
 
 def best_seed(cfg: Config, config: Mapping[str, Any]) -> Mapping[str, Any]:
     """The champion config's run best on the search metric: the model that is registered."""
-    metric, mode = objectives(cfg.search)[0][0], objectives(cfg.search)[1][0]
+    metric, mode = trainer.selection(cfg)
     finished = [r for r in config["runs"] if metric in r.get("metrics", {})]
     return best_first(finished, lambda r: r["metrics"][metric], mode)[0]
 
