@@ -1,7 +1,7 @@
 """The search: Ray Tune + Optuna over TrainConfig fields, and what is built on it.
 
-tune (the Tuner, the per-trial driver, the summary), space (``search.space`` as Optuna
-distributions and sampler), plots (search plots for MLflow), compare (every method side by
-side). May import every lower wing: ``flyp_ray.distributed``, ``flyp_ray.tracking``,
+tune (the Tuner, the summary), trial (the per-trial driver, light to import), space
+(``search.space`` as Optuna distributions and sampler), plots (search plots for MLflow), compare
+(every method side by side), recheck, budget. May import every lower wing: ``flyp_ray.distributed``, ``flyp_ray.tracking``,
 ``flyp_ray.finetune``, ``flyp_ray.data``, ``flyp_ray.config``, ``flyp_ray.errors``.
 """

@@ -1,8 +1,9 @@
 """The search: Ray Tune + Optuna over TrainConfig fields, one Ray Train run per trial.
 
 Three roles, each a plain function (Ray's Train + Tune pattern): the per-worker training function
-(:mod:`flyp_ray.distributed.worker`), the per-trial driver :func:`run_trial` that builds a
-``TorchTrainer`` named after the trial id, and :func:`run_search`, which builds the ``Tuner``.
+(:mod:`flyp_ray.distributed.worker`), the per-trial driver (:mod:`flyp_ray.search.trial`) that
+builds a ``TorchTrainer`` named after the trial id, and :func:`run_search`, which builds the
+``Tuner``.
 
 Layout of one search under ``storage``::
 
@@ -31,7 +32,7 @@ import pyarrow.fs
 import ray.train
 import ray.tune
 import ray.util
-from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 from ray.tune.logger import JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, HyperBandScheduler, TrialScheduler
 from ray.tune.search import Searcher
@@ -43,6 +44,7 @@ from flyp_ray.distributed.contract import PLACEMENT_GROUP
 from flyp_ray.errors import BadInput, ConfigError, FlypRayError, first_line, input_error
 from flyp_ray.finetune import wiseft
 from flyp_ray.search import budget, plots, recheck, space
+from flyp_ray.search.trial import run_trial
 from flyp_ray.tracking import registry, runs
 
 log = logging.getLogger(__name__)
@@ -113,48 +115,6 @@ def _write_text(path: str, text: str) -> None:
     fs.create_dir(inner.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(inner) as out:
         out.write(text.encode())
-
-
-# --- the trial driver ----------------------------------------------------------------------
-
-
-def run_trial(config: dict[str, Any], *, base: Config, parent_run_id: str,
-              trials_storage: str) -> None:
-    """One Tune trial: train ``base`` with the sampled ``config`` as a Ray Train run.
-
-    The Train run and the MLflow child run are both named after the trial id, so a trial that
-    Tune restarts (``--resume``) continues its Train run from its last checkpoint and logs into
-    the same MLflow run.
-    """
-    trial_id = ray.tune.get_context().get_trial_id()
-    cfg = dataclasses.replace(with_train(base, **config), storage=trials_storage)
-    uri, experiment = cfg.tracking.uri, cfg.tracking.experiment
-    run_id = (runs.find_run(uri, experiment, {runs.PARENT_TAG: parent_run_id,
-                                                 runs.TRIAL_TAG: trial_id})
-              or runs.start_trial_run(cfg, parent_run_id, trial_id))
-    before = latest_checkpoint(f"{trials_storage}/{trial_id}")
-    fit = trainer.build_trainer(cfg, trial_id, mlflow_run_id=run_id,
-                                callbacks=[TuneReportCallback()])
-    try:
-        result = fit.fit()
-    except Exception:
-        runs.end_run(uri, run_id, "FAILED")
-        raise
-    if result.checkpoint is not None and result.checkpoint.path == before:
-        # The Train run had already finished when Tune (re)started this trial, so its workers
-        # reported nothing, and Tune would keep the result of its last snapshot (an earlier
-        # epoch, or none). Report the final epoch again, as TuneReportCallback would have.
-        ray.tune.report({**(result.metrics or {}), CHECKPOINT_PATH_KEY: result.checkpoint.path})
-    runs.end_run(uri, run_id)
-
-
-def latest_checkpoint(run_path: str) -> str | None:
-    """The path of the latest checkpoint of the Ray Train run at ``run_path``, if it has one."""
-    try:
-        result = ray.train.Result.from_path(run_path)
-    except RuntimeError:  # Ray's answer when there is no run (or no snapshot of it) yet
-        return None
-    return result.checkpoint.path if result.checkpoint is not None else None
 
 
 # --- the Tuner -----------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noq
 from flyp_ray import config
 from flyp_ray.distributed import trainer
 from flyp_ray.distributed.cluster import runtime_env  # noqa: E402
-from flyp_ray.search import tune
+from flyp_ray.search import trial
 from tests.support.configs import tiny_config, write_config  # noqa: E402
 
 RUN = "node-loss"
@@ -97,14 +97,14 @@ def main(folder: Path) -> None:
 
     def first_checkpoint_kept() -> bool:
         try:  # the snapshot may be caught mid-write
-            return tune.latest_checkpoint(str(run_path)) is not None
+            return trial.latest_checkpoint(str(run_path)) is not None
         except Exception:  # noqa: BLE001
             return False
 
     wait_for(lambda: worker_id in group_nodes() or not thread.is_alive(), "the worker group")
     first_nodes = group_nodes()
     wait_for(lambda: first_checkpoint_kept() or not thread.is_alive(), "epoch 1's checkpoint")
-    kept = tune.latest_checkpoint(str(run_path))
+    kept = trial.latest_checkpoint(str(run_path))
     ray.kill(placeholder)  # the head's CPU is free for the restarted worker group
     cluster.remove_node(worker_node, allow_graceful=False)
     removed_at = time.monotonic()

@@ -1,0 +1,60 @@
+"""The per-trial driver: one Tune trial trains its sampled config as one Ray Train run.
+
+Tune pickles :func:`run_trial` by reference, so each trial's process (one per trial) imports
+this module and what it imports before the trial can start: kept to Ray, MLflow's client and
+the driver side of a Train run (:mod:`flyp_ray.distributed.trainer`). The search's own modules
+(plots, the re-check, the model registry) bring open_clip, torchvision and matplotlib, several
+seconds of imports a trial has no use for; ``tests/search/test_trial.py`` keeps them out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import ray.train
+import ray.tune
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
+
+from flyp_ray.config import Config, with_train
+from flyp_ray.distributed import trainer
+from flyp_ray.tracking import runs
+
+
+def run_trial(config: dict[str, Any], *, base: Config, parent_run_id: str,
+              trials_storage: str) -> None:
+    """One Tune trial: train ``base`` with the sampled ``config`` as a Ray Train run.
+
+    The Train run and the MLflow child run are both named after the trial id, so a trial that
+    Tune restarts (``--resume``) continues its Train run from its last checkpoint and logs into
+    the same MLflow run.
+    """
+    trial_id = ray.tune.get_context().get_trial_id()
+    cfg = dataclasses.replace(with_train(base, **config), storage=trials_storage)
+    uri, experiment = cfg.tracking.uri, cfg.tracking.experiment
+    run_id = (runs.find_run(uri, experiment, {runs.PARENT_TAG: parent_run_id,
+                                                 runs.TRIAL_TAG: trial_id})
+              or runs.start_trial_run(cfg, parent_run_id, trial_id))
+    before = latest_checkpoint(f"{trials_storage}/{trial_id}")
+    fit = trainer.build_trainer(cfg, trial_id, mlflow_run_id=run_id,
+                                callbacks=[TuneReportCallback()])
+    try:
+        result = fit.fit()
+    except Exception:
+        runs.end_run(uri, run_id, "FAILED")
+        raise
+    if result.checkpoint is not None and result.checkpoint.path == before:
+        # The Train run had already finished when Tune (re)started this trial, so its workers
+        # reported nothing, and Tune would keep the result of its last snapshot (an earlier
+        # epoch, or none). Report the final epoch again, as TuneReportCallback would have.
+        ray.tune.report({**(result.metrics or {}), CHECKPOINT_PATH_KEY: result.checkpoint.path})
+    runs.end_run(uri, run_id)
+
+def latest_checkpoint(run_path: str) -> str | None:
+    """The path of the latest checkpoint of the Ray Train run at ``run_path``, if it has one."""
+    try:
+        result = ray.train.Result.from_path(run_path)
+    except RuntimeError:  # Ray's answer when there is no run (or no snapshot of it) yet
+        return None
+    return result.checkpoint.path if result.checkpoint is not None else None
+
