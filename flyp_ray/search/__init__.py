@@ -2,6 +2,7 @@
 
 tune (the Tuner, the summary), trial (the per-trial driver, light to import), space
 (``search.space`` as Optuna distributions and sampler), plots (search plots for MLflow), compare
-(every method side by side), recheck, budget. May import every lower wing: ``flyp_ray.distributed``, ``flyp_ray.tracking``,
+(every method side by side), recheck (the top trials again on new seeds), budget (worker-hours).
+May import every lower wing: ``flyp_ray.distributed``, ``flyp_ray.tracking``,
 ``flyp_ray.finetune``, ``flyp_ray.data``, ``flyp_ray.config``, ``flyp_ray.errors``.
 """
