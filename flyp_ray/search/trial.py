@@ -50,6 +50,7 @@ def run_trial(config: dict[str, Any], *, base: Config, parent_run_id: str,
         ray.tune.report({**(result.metrics or {}), CHECKPOINT_PATH_KEY: result.checkpoint.path})
     runs.end_run(uri, run_id)
 
+
 def latest_checkpoint(run_path: str) -> str | None:
     """The path of the latest checkpoint of the Ray Train run at ``run_path``, if it has one."""
     try:
@@ -57,4 +58,3 @@ def latest_checkpoint(run_path: str) -> str | None:
     except RuntimeError:  # Ray's answer when there is no run (or no snapshot of it) yet
         return None
     return result.checkpoint.path if result.checkpoint is not None else None
-

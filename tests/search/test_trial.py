@@ -21,4 +21,3 @@ def test_the_trial_function_imports_no_training_code() -> None:
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                           check=True, timeout=120)
     assert json.loads(done.stdout.strip().splitlines()[-1]) == []
-
