@@ -129,11 +129,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     Warnings (allowed, but most likely not meant) go to stderr and leave the exit code 0.
     """
+    cfg = load_config(args)
+    address = cluster.check_address()
     from flyp_ray import preflight
 
-    checked = preflight.check(load_config(args))
+    checked = preflight.check(cfg)
     for line in checked.lines:
         print(line)
+    if address:
+        print(f"RAY_ADDRESS {address}: takes connections")
     for warning in checked.warnings:
         print(f"flyp-ray: warning: {warning}", file=sys.stderr)
     return 0
@@ -142,6 +146,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     """Run one training and print its JSON line last."""
     cfg = load_config(args)  # first: bad YAML is reported before the heavy imports below
+    cluster.check_address()
     from flyp_ray import preflight
     from flyp_ray.distributed import trainer
     from flyp_ray.finetune import checkpoint
@@ -174,6 +179,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     """Run or resume one search and print its summary last; 1 if no trial gave the metric."""
     cfg = load_config(args)
+    cluster.check_address()
     from flyp_ray import preflight
     from flyp_ray.search import tune
 
@@ -186,12 +192,13 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def cmd_tune_all(args: argparse.Namespace) -> int:
     """One search per config (all checked first); a table on stderr, a JSON line last."""
-    from flyp_ray import preflight
-    from flyp_ray.search import tune
-
     if args.budget is not None and not args.budget > 0:
         raise BadInput(f"--budget: must be a number of worker-hours > 0, got {args.budget}")
     cfgs = [config_mod.load(path, args.overrides) for path in args.configs]
+    cluster.check_address()
+    from flyp_ray import preflight
+    from flyp_ray.search import tune
+
     cfgs = preflight.check_searches(cfgs, args.budget)
     cluster.init_ray()
     for cfg in cfgs:
@@ -204,11 +211,12 @@ def cmd_tune_all(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Every method through the same loop; the table's paths and rows as the JSON line last."""
+    cfg = load_config(args)
+    cluster.check_address()
     from flyp_ray import preflight
     from flyp_ray.search import compare
 
     methods = compare.parse_methods(args.methods)
-    cfg = load_config(args)
     preflight.report(preflight.check_methods(cfg, methods, search=args.tune))
     cluster.init_ray(cfg)
     summary = compare.run_compare(cfg, methods, tune=args.tune)

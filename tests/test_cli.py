@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -186,13 +188,32 @@ def test_more_gpus_than_the_cluster_has(ray_session: None, tmp_path: Path,
     assert not (tmp_path / "results").exists()
 
 
-def test_unreachable_ray_address_is_refused_at_once(tmp_path: Path) -> None:
+# Runs a command in a fresh interpreter; prints its exit code and whether torch was imported.
+EXIT_AND_IMPORTS = ("import json, sys; from flyp_ray import cli; code = cli.main(sys.argv[1:]); "
+                    "print(json.dumps([code, 'torch' in sys.modules]))")
+
+
+@pytest.mark.parametrize("command", ["validate", "train", "tune", "compare"])
+def test_unreachable_ray_address_is_refused_at_once(tmp_path: Path, command: str) -> None:
     # Its own process: in this one, an earlier test may already have connected Ray.
     path = write_config(tmp_path / "c.yaml", tiny_config(tmp_path))
     env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{free_port()}"}  # nothing listens there
-    done = subprocess.run([sys.executable, "-m", "flyp_ray", "train", str(path)], cwd=tmp_path,
-                          text=True, capture_output=True, env=env, timeout=120)
-    assert done.returncode == 2
+    done = subprocess.run([sys.executable, "-c", EXIT_AND_IMPORTS, command, str(path)],
+                          cwd=tmp_path, text=True, capture_output=True, env=env, timeout=120)
     err = done.stderr.strip().splitlines()[-1]
     assert err.startswith("flyp-ray: error: RAY_ADDRESS: cannot reach a Ray cluster at '127.0.0.1:")
+    # Refused before the preflight's imports (about ten seconds here), and before any output.
+    assert json.loads(done.stdout) == [2, False]
     assert not (tmp_path / "results").exists()
+
+
+def test_validate_names_the_ray_address_it_reached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from flyp_ray import cli
+
+    path = write_config(tmp_path / "c.yaml", tiny_config(tmp_path))
+    with socket.create_server(("127.0.0.1", 0)) as listening:
+        address = f"127.0.0.1:{listening.getsockname()[1]}"
+        monkeypatch.setenv("RAY_ADDRESS", address)
+        assert cli.main(["validate", str(path)]) == 0
+    assert f"RAY_ADDRESS {address}: takes connections" in capsys.readouterr().out.splitlines()

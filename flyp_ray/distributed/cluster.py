@@ -50,14 +50,25 @@ def init_ray(cfg: Config | None = None, address: str | None = None) -> None:
         check_fits(cfg, ray.cluster_resources())
 
 
-def check_reachable(address: str | None, timeout_s: float = 5.0) -> None:
+def check_address() -> str | None:
+    """The ``RAY_ADDRESS`` a command will join, refused if it takes no connection; None when
+    there is none to check (no address, ``auto``, ``local``).
+
+    The commands call it first, before the preflight, whose imports take about ten seconds on
+    a small machine: a mistyped address is refused in a second, and ``validate`` catches it.
+    """
+    address = os.environ.get("RAY_ADDRESS")
+    return address if check_reachable(address) else None
+
+
+def check_reachable(address: str | None, timeout_s: float = 5.0) -> bool:
     """Refuse a ``RAY_ADDRESS`` whose host and port take no connection, in seconds.
 
     ``ray.init`` would retry for about two minutes before saying the same. ``auto``, ``local``
-    and no address are left to Ray.
+    and no address are left to Ray (False: nothing was checked).
     """
     if not address or address in ("auto", "local"):
-        return
+        return False
     hostport = address.split("://", 1)[-1].rstrip("/")
     host, _, port = hostport.rpartition(":")
     if not host or not port.isdigit():
@@ -67,6 +78,7 @@ def check_reachable(address: str | None, timeout_s: float = 5.0) -> None:
     except OSError as err:
         raise BadInput(f"RAY_ADDRESS: cannot reach a Ray cluster at {address!r} "
                        f"({err.strerror or type(err).__name__})") from None
+    return True
 
 
 def cluster_resources() -> dict[str, float]:
