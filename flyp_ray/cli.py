@@ -202,7 +202,7 @@ def cmd_tune_all(args: argparse.Namespace) -> int:
     cfgs = preflight.check_searches(cfgs, args.budget)
     cluster.init_ray()
     for cfg in cfgs:
-        cluster.check_fits(cfg, cluster.cluster_resources())
+        cluster.check_connected(cfg)
     summaries = tune.run_all(cfgs)
     tune.print_table(cfgs, summaries)
     print_json({"searches": summaries})

@@ -5,7 +5,8 @@ run the parts they need through the same functions, so a config is refused with 
 whichever command refused it, and nothing validate passes fails later on something it could
 have known: the data set's layout, splits and class sizes, the model and its checkpoint, the
 metric names the run will report, the tracking URI, the storage, the search space and
-scheduler. What needs the cluster (whether a worker group fits) is checked once Ray is up.
+scheduler, and whether the cluster the command would run on can hold a worker group, asked
+without starting Ray here (``distributed/capacity.py``).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class Checked:
 
 
 def check(cfg: Config, *, search: bool = True, resume: bool = False) -> Checked:
-    """Every check of ``cfg`` that needs no cluster; raises the first BadInput found.
+    """Every check of ``cfg`` before Ray starts here; raises the first BadInput found.
 
     ``search`` adds the search's own checks (space, sampler, scheduler; ``resume``: a search
     to resume exists), which ``validate``, ``tune`` and ``compare --tune`` make.
@@ -52,7 +53,14 @@ def check(cfg: Config, *, search: bool = True, resume: bool = False) -> Checked:
     check_run(cfg, facts)
     if search:
         check_search(cfg, resume=resume)
-    return Checked(lines, warnings(cfg, facts), facts)
+    return Checked(lines, warnings(cfg, facts) + check_resources(cfg), facts)
+
+
+def check_resources(cfg: Config) -> list[str]:
+    """The worker group against the cluster the command will run on (nothing is started)."""
+    from flyp_ray.distributed import capacity
+
+    return capacity.check(cfg)
 
 
 def check_searches(cfgs: Sequence[Config], budget_hours: float | None) -> list[Config]:
@@ -85,7 +93,7 @@ def check_methods(cfg: Config, methods: Sequence[str], *, search: bool) -> Check
     from flyp_ray.search import compare
 
     facts, lines = _check_parts(cfg)
-    found: list[str] = []
+    found: list[str] = check_resources(cfg)  # every method runs the config's worker group
     for method in methods:
         method_cfg = compare.method_config(cfg, method)
         check_run(method_cfg, facts)
