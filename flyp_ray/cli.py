@@ -133,11 +133,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
     address = cluster.check_address()
     from flyp_ray import preflight
 
-    checked = preflight.check(cfg)
+    checked = preflight.check(cfg, search=preflight.searches(cfg))
     for line in checked.lines:
         print(line)
     if address:
         print(f"RAY_ADDRESS {address}: takes connections")
+    print(preflight.fit_for(cfg))
     for warning in checked.warnings:
         print(f"flyp-ray: warning: {warning}", file=sys.stderr)
     return 0

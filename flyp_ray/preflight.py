@@ -5,8 +5,8 @@ run the parts they need through the same functions, so a config is refused with 
 whichever command refused it, and nothing validate passes fails later on something it could
 have known: the data set's layout, splits and class sizes, the model and its checkpoint, the
 metric names the run will report, the tracking URI, the storage, the search space and
-scheduler, and whether the cluster the command would run on can hold a worker group, asked
-without starting Ray here (``distributed/capacity.py``).
+scheduler (for a config that searches), and whether the cluster the command would run on can
+hold a worker group, asked without starting Ray here (``distributed/capacity.py``).
 """
 
 from __future__ import annotations
@@ -47,13 +47,30 @@ def check(cfg: Config, *, search: bool = True, resume: bool = False) -> Checked:
     """Every check of ``cfg`` before Ray starts here; raises the first BadInput found.
 
     ``search`` adds the search's own checks (space, sampler, scheduler; ``resume``: a search
-    to resume exists), which ``validate``, ``tune`` and ``compare --tune`` make.
+    to resume exists), which ``tune``, ``tune-all`` and ``compare --tune`` make, and
+    ``validate`` for a config that :func:`searches`.
     """
     facts, lines = _check_parts(cfg)
     check_run(cfg, facts)
     if search:
         check_search(cfg, resume=resume)
     return Checked(lines, warnings(cfg, facts) + check_resources(cfg), facts)
+
+
+def searches(cfg: Config) -> bool:
+    """Whether ``cfg`` is fit for a search: its ``search.space`` names a field to search.
+
+    A config without one is a train config; its ``search.metric`` and ``mode`` still select
+    the epoch that ``train`` keeps.
+    """
+    return bool(cfg.search.space)
+
+
+def fit_for(cfg: Config) -> str:
+    """The commands ``cfg`` is fit for, as ``validate`` says it."""
+    if searches(cfg):
+        return "fit for: train, tune, tune-all, compare --tune, eval"
+    return "fit for: train, eval, compare (tune needs search.space)"
 
 
 def check_resources(cfg: Config) -> list[str]:
@@ -131,6 +148,12 @@ def check_search(cfg: Config, *, resume: bool = False) -> None:
     """The search's space, sampler and scheduler (and, to resume, the search's folder)."""
     from flyp_ray.search import tune
 
+    if not searches(cfg):
+        raise ConfigError(cfg.source, "search.space", "is empty, so a search has nothing to "
+                                                      "search: name at least one train field "
+                                                      "(e.g. lr: {type: float, low: 1.0e-6, "
+                                                      "high: 1.0e-4, log: true}); train runs "
+                                                      "this config as it is")
     tune.check(cfg, resume=resume)
 
 
