@@ -3,10 +3,11 @@
 ``flyp-ray validate`` runs all of it; ``train``, ``tune``, ``tune-all``, ``compare`` and ``eval``
 run the parts they need through the same functions, so a config is refused with the same line
 whichever command refused it, and nothing validate passes fails later on something it could
-have known: the data set's layout, splits and class sizes, the model and its checkpoint, the
-metric names the run will report, the tracking URI, the storage, the search space and
-scheduler (for a config that searches), and whether the cluster the command would run on can
-hold a worker group, asked without starting Ray here (``distributed/capacity.py``).
+have known: the data set's layout, splits and class sizes, the model, its checkpoint or
+whether its pretrained weights are cached or reachable, the metric names the run will report,
+the tracking URI, the storage, the search space and scheduler (for a config that searches), and
+whether the cluster the command would run on can hold a worker group, asked without starting
+Ray here (``distributed/capacity.py``).
 """
 
 from __future__ import annotations
