@@ -133,11 +133,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
     address = cluster.check_address()
     from flyp_ray import preflight
 
-    checked = preflight.check(cfg)
+    checked = preflight.check(cfg, search=preflight.searches(cfg))
     for line in checked.lines:
         print(line)
     if address:
         print(f"RAY_ADDRESS {address}: takes connections")
+    print(preflight.fit_for(cfg))
     for warning in checked.warnings:
         print(f"flyp-ray: warning: {warning}", file=sys.stderr)
     return 0
@@ -202,7 +203,7 @@ def cmd_tune_all(args: argparse.Namespace) -> int:
     cfgs = preflight.check_searches(cfgs, args.budget)
     cluster.init_ray()
     for cfg in cfgs:
-        cluster.check_fits(cfg, cluster.cluster_resources())
+        cluster.check_connected(cfg)
     summaries = tune.run_all(cfgs)
     tune.print_table(cfgs, summaries)
     print_json({"searches": summaries})

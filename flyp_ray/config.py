@@ -698,12 +698,12 @@ def load(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     path = Path(path)
     source = str(path)
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(source, "", "config file not found") from None
     except OSError as err:
         raise ConfigError(source, "", f"cannot read config file ({err.strerror})") from None
-    raw = parse_yaml(text, source)
+    raw = parse_yaml(decode_utf8(data, source), source)
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -712,6 +712,21 @@ def load(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     for item in overrides:
         raw = apply_override(raw, item, source)
     return from_dict(raw, source)
+
+
+def decode_utf8(data: bytes, source: str, key: str = "", what: str = "") -> str:
+    """``data`` as UTF-8 text, else a ConfigError naming the line and the byte that is not.
+
+    An editor that saves Latin-1 (an accent in a comment) would otherwise end in a traceback.
+    """
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        column = err.start - data.rfind(b"\n", 0, err.start)
+        raise ConfigError(source, key, f"{f'{what} is ' if what else ''}not UTF-8: line {line}, "
+                                       f"byte {column} is 0x{data[err.start]:02x} (save the file "
+                                       f"as UTF-8)") from None
 
 
 # What decides a run's result is never left to a default: a config names its data set and its

@@ -3,9 +3,11 @@
 ``flyp-ray validate`` runs all of it; ``train``, ``tune``, ``tune-all``, ``compare`` and ``eval``
 run the parts they need through the same functions, so a config is refused with the same line
 whichever command refused it, and nothing validate passes fails later on something it could
-have known: the data set's layout, splits and class sizes, the model and its checkpoint, the
-metric names the run will report, the tracking URI, the storage, the search space and
-scheduler. What needs the cluster (whether a worker group fits) is checked once Ray is up.
+have known: the data set's layout, splits and class sizes, the model, its checkpoint or
+whether its pretrained weights are cached or reachable, the metric names the run will report,
+the tracking URI, the storage, the search space and scheduler (for a config that searches), and
+whether the cluster the command would run on can hold a worker group, asked without starting
+Ray here (``distributed/capacity.py``).
 """
 
 from __future__ import annotations
@@ -43,16 +45,40 @@ class Checked:
 
 
 def check(cfg: Config, *, search: bool = True, resume: bool = False) -> Checked:
-    """Every check of ``cfg`` that needs no cluster; raises the first BadInput found.
+    """Every check of ``cfg`` before Ray starts here; raises the first BadInput found.
 
     ``search`` adds the search's own checks (space, sampler, scheduler; ``resume``: a search
-    to resume exists), which ``validate``, ``tune`` and ``compare --tune`` make.
+    to resume exists), which ``tune``, ``tune-all`` and ``compare --tune`` make, and
+    ``validate`` for a config that :func:`searches`.
     """
     facts, lines = _check_parts(cfg)
     check_run(cfg, facts)
     if search:
         check_search(cfg, resume=resume)
-    return Checked(lines, warnings(cfg, facts), facts)
+    return Checked(lines, warnings(cfg, facts) + check_resources(cfg), facts)
+
+
+def searches(cfg: Config) -> bool:
+    """Whether ``cfg`` is fit for a search: its ``search.space`` names a field to search.
+
+    A config without one is a train config; its ``search.metric`` and ``mode`` still select
+    the epoch that ``train`` keeps.
+    """
+    return bool(cfg.search.space)
+
+
+def fit_for(cfg: Config) -> str:
+    """The commands ``cfg`` is fit for, as ``validate`` says it."""
+    if searches(cfg):
+        return "fit for: train, tune, tune-all, compare --tune, eval"
+    return "fit for: train, eval, compare (tune needs search.space)"
+
+
+def check_resources(cfg: Config) -> list[str]:
+    """The worker group against the cluster the command will run on (nothing is started)."""
+    from flyp_ray.distributed import capacity
+
+    return capacity.check(cfg)
 
 
 def check_searches(cfgs: Sequence[Config], budget_hours: float | None) -> list[Config]:
@@ -85,7 +111,7 @@ def check_methods(cfg: Config, methods: Sequence[str], *, search: bool) -> Check
     from flyp_ray.search import compare
 
     facts, lines = _check_parts(cfg)
-    found: list[str] = []
+    found: list[str] = check_resources(cfg)  # every method runs the config's worker group
     for method in methods:
         method_cfg = compare.method_config(cfg, method)
         check_run(method_cfg, facts)
@@ -123,6 +149,12 @@ def check_search(cfg: Config, *, resume: bool = False) -> None:
     """The search's space, sampler and scheduler (and, to resume, the search's folder)."""
     from flyp_ray.search import tune
 
+    if not searches(cfg):
+        raise ConfigError(cfg.source, "search.space", "is empty, so a search has nothing to "
+                                                      "search: name at least one train field "
+                                                      "(e.g. lr: {type: float, low: 1.0e-6, "
+                                                      "high: 1.0e-4, log: true}); train runs "
+                                                      "this config as it is")
     tune.check(cfg, resume=resume)
 
 

@@ -8,6 +8,10 @@ input and a real run whose report lacks its metric.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +22,10 @@ from mlflow.tracking import MlflowClient
 from flyp_ray import cli, config, preflight
 from flyp_ray.distributed import worker
 from flyp_ray.errors import ConfigError, DataError, first_line, input_error
+from flyp_ray.finetune.model import tiny_config_path
+from tests.support import REPO
 from tests.support.configs import tiny_config, write_config
+from tests.support.servers import free_port
 from tests.support.wilds_folder import write_csv_dataset
 
 
@@ -43,7 +50,8 @@ ROWS: list[tuple[str, Any, tuple[str, ...], list[str]]] = [
     ("metric that no report has", {"search": {"metric": "id_val/accuracy"}},
      ("validate", "train", "tune"), ["search.metric", "'id_val/accuracy'", "did you mean "
                                                                            "'id_val/acc'"]),
-    ("empty search space", {"search": {"space": {}}}, ("validate", "tune"), ["search.space"]),
+    ("empty search space", {"search": {"space": {}}}, ("tune", "tune-all", "compare --tune"),
+     ["search.space: is empty, so a search has nothing to search", "train runs this config"]),
     ("no dataset section", "drop dataset", ("validate", "train", "tune"),
      ["dataset.name", "is required"]),
     ("a JPEG as the checkpoint", "jpeg", ("validate", "train", "tune"),
@@ -79,13 +87,224 @@ def test_every_row_is_refused_by_validate_and_the_runs_alike(
     path = broken_config(tmp_path, how)
     lines = set()
     for command in commands:
-        code, line = run_cli(capsys, command, str(path))
+        code, line = run_cli(capsys, *command.split(), str(path))
         assert code == 2, (command, line)
         assert line.startswith(f"flyp-ray: error: {path}: "), line
         for needle in needles:
             assert needle in line, (command, line)
         lines.add(line)
     assert len(lines) == 1  # one code path: the same line from each command
+
+
+# --- the good corpus: configs users write every day, which validate must accept ------------
+
+BASE = """\
+model: {{arch: {arch}, pretrained: null}}
+resources: {{workers: 1, cpus_per_worker: 0.5, max_failures: 0}}
+tracking: {{uri: "sqlite:///{tmp}/mlflow.db", experiment: test}}
+"""
+SYNTHETIC = "dataset: {{name: synthetic, subsample: 64}}\n"
+TRAIN = "train: {{epochs: 1, batch_size: 16, lr: 1.0e-3, warmup_steps: 2}}\n"
+SPACE = "search:\n  space:\n    lr: {{type: float, low: 1.0e-4, high: 1.0e-2, log: true}}\n"
+STORAGE = "storage: {tmp}/results\n"
+# One name a line: accents, an apostrophe, double quotes, guillemets, a comma (UTF-8).
+CLASSNAMES = ("café au lait\ncrème brûlée\nl'étoile du nord\n\"quoted\" ring\n"
+              "« cross »\nsquare, small\n")
+SEARCHES = "fit for: train, tune, tune-all, compare --tune, eval"
+TRAINS = "fit for: train, eval, compare (tune needs search.space)"
+
+# (name, YAML text, --set arguments, the fit-for line, what the loaded config must hold)
+GOOD: list[tuple[str, str, list[str], str, Any]] = [
+    ("anchors and aliases", SYNTHETIC + BASE.replace("experiment: test}", "experiment: &name "
+     "flyp-anchors, registered_model: *name}") + STORAGE + """\
+train: &fixed {{epochs: 1, batch_size: 16, lr: 1.0e-3, warmup_steps: 2}}
+search:
+  space:
+    lr: &rate {{type: float, low: 1.0e-4, high: 1.0e-2, log: true}}
+    weight_decay:
+      <<: *rate
+      low: 1.0e-3
+      high: 0.3
+""", [], SEARCHES, lambda c: (c.tracking.registered_model == "flyp-anchors"
+                             and c.search.space["weight_decay"].log
+                             and c.search.space["weight_decay"].high == 0.3)),
+    ("template lists", """\
+dataset:
+  name: synthetic
+  subsample: 64
+  templates:
+    - a photo of a {{}}.
+    - "a blurry photo of the {{}}."
+    - 'itap of my {{}}.'
+""" + BASE + TRAIN + SPACE + STORAGE, [], SEARCHES, lambda c: len(c.dataset.templates) == 3),
+    ("a class-name file with accents and quotes",
+     "dataset: {{name: synthetic, subsample: 64, classnames: {tmp}/names.txt}}\n" + BASE
+     + TRAIN + SPACE + STORAGE, [], SEARCHES, None),
+    ("file:// storage", SYNTHETIC + BASE + TRAIN + SPACE + "storage: file://{tmp}/results\n",
+     [], SEARCHES, lambda c: c.storage.startswith("file:///")),
+    ("WILDS' official metric as the search metric",
+     "dataset: {{name: iwildcam, root: {wilds}}}\n" + BASE + TRAIN.replace("16", "4") + """\
+search:
+  metric: id_val/official/F1-macro_all
+  space: {{lr: {{type: float, low: 1.0e-4, high: 1.0e-2, log: true}}}}
+""" + STORAGE, [], SEARCHES, None),
+    ("a multi-objective search with nsga2", SYNTHETIC + BASE + TRAIN + """\
+search:
+  metric: [id_val/acc, ood_val/acc]
+  mode: [max, max]
+  sampler: nsga2
+  num_samples: 4
+  space: {{lr: {{type: float, low: 1.0e-4, high: 1.0e-2, log: true}}}}
+""" + STORAGE, [], SEARCHES, lambda c: c.search.sampler == "nsga2"),
+    ("--set in scientific notation", SYNTHETIC + BASE + TRAIN + SPACE + STORAGE,
+     ["--set", "lr=3e-5", "--set", "search.space.lr.low=1E-6"], SEARCHES,
+     lambda c: c.train.lr == 3e-5 and c.search.space["lr"].low == 1e-6),
+    ("a train-only config", SYNTHETIC + BASE + TRAIN + STORAGE, [], TRAINS, None),
+    ("a search section that only selects the epoch", SYNTHETIC + BASE + TRAIN + STORAGE
+     + "search: {{metric: id_val/loss, mode: min}}\n", [], TRAINS,
+     lambda c: c.search.metric == "id_val/loss"),
+]
+
+
+@pytest.mark.parametrize(("text", "args", "fit", "holds"), [g[1:] for g in GOOD],
+                         ids=[g[0] for g in GOOD])
+def test_everyday_good_configs_are_accepted(
+        tmp_path: Path, wilds_root: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch, text: str, args: list[str], fit: str,
+        holds: Any) -> None:
+    # No `ray start` cluster of someone else's on this machine to size the run against.
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    (tmp_path / "names.txt").write_text(CLASSNAMES, encoding="utf-8")
+    path = tmp_path / "c.yaml"
+    path.write_text(text.format(arch=tiny_config_path(), tmp=tmp_path, wilds=wilds_root),
+                    encoding="utf-8")
+    code = cli.main(["validate", str(path), *args])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "Traceback" not in captured.err and "error" not in captured.err, captured.err
+    assert captured.out.splitlines()[0] == f"{path}: config ok"
+    assert captured.out.splitlines()[-1] == fit
+    cfg = config.load(path, [a for a in args if a != "--set"])
+    assert holds is None or holds(cfg)
+
+
+def test_the_class_names_are_read_as_written(tmp_path: Path) -> None:
+    from flyp_ray.data.prompts import read_classnames
+
+    (tmp_path / "names.txt").write_text(CLASSNAMES, encoding="utf-8")
+    assert read_classnames(str(tmp_path / "names.txt"), "c.yaml") == [
+        "café au lait", "crème brûlée", "l'étoile du nord", '"quoted" ring', "« cross »",
+        "square, small"]
+
+
+# --- issue 21's four: each refused with one line on stderr, before Ray starts --------------
+
+# Runs each command in turn in one interpreter (the imports once), stderr read per command at
+# the file descriptor, so that a line written by a library or by Ray's C++ core counts too.
+EACH_COMMAND = """
+import json, os, sys, tempfile
+from flyp_ray import cli
+results = []
+for command in json.loads(sys.argv[1]):
+    with tempfile.TemporaryFile() as err:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(err.fileno(), 2)
+        try:
+            code = cli.main(command)
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+        err.seek(0)
+        results.append([code, err.read().decode()])
+print(json.dumps(results))
+"""
+
+
+def refused_lines(tmp: Path, commands: list[list[str]], **env: str) -> list[str]:
+    """Each command's exit code must be 2 and its stderr one line: those lines."""
+    full = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "HF_HUB_OFFLINE")}
+    full.update(PYTHONPATH=str(REPO), RAY_TMPDIR=str(tmp / "raytmp"), **env)
+    done = subprocess.run([sys.executable, "-c", EACH_COMMAND, json.dumps(commands)],
+                          cwd=tmp, text=True, capture_output=True, env=full, timeout=600)
+    assert done.returncode == 0, done.stderr
+    lines = []
+    for command, (code, err) in zip(commands, json.loads(done.stdout.splitlines()[-1]),
+                                    strict=True):
+        assert code == 2 and len(err.strip().splitlines()) == 1, (command, code, err)
+        lines.append(err.strip())
+    assert not (tmp / "raytmp").exists()  # Ray was not started
+    assert not (tmp / "results").exists()
+    return lines
+
+
+def latin1_comment(tmp: Path) -> tuple[Path, dict[str, str]]:
+    path = write_config(tmp / "c.yaml", tiny_config(tmp))
+    path.write_bytes(b"# r\xe9glages du jeu\n" + path.read_bytes())
+    return path, {}
+
+
+def latin1_classnames(tmp: Path) -> tuple[Path, dict[str, str]]:
+    (tmp / "names.txt").write_bytes(CLASSNAMES.encode("latin-1", errors="replace"))
+    raw = tiny_config(tmp, dataset={"classnames": str(tmp / "names.txt")})
+    return write_config(tmp / "c.yaml", raw), {}
+
+
+def a_gpu_here(tmp: Path) -> tuple[Path, dict[str, str]]:
+    # CUDA_VISIBLE_DEVICES="" hides every GPU from Ray's detection, on any machine.
+    raw = tiny_config(tmp, resources={"gpus_per_worker": 1})
+    return write_config(tmp / "c.yaml", raw), {"CUDA_VISIBLE_DEVICES": ""}
+
+
+def weights_not_here(tmp: Path) -> tuple[Path, dict[str, str]]:
+    # An empty cache, and a hub address that takes no connection (holds with internet too).
+    (tmp / "hub").mkdir()
+    raw = tiny_config(tmp, model={"arch": "ViT-B-16", "pretrained": "openai"})
+    return write_config(tmp / "c.yaml", raw), {"HF_HUB_CACHE": str(tmp / "hub"),
+                                               "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"}
+
+
+# (name, how to write the case, what its one line says)
+FOUR: list[tuple[str, Any, list[str]]] = [
+    ("a Latin-1 comment in the config", latin1_comment,
+     ["c.yaml: not UTF-8: line 1, byte 4 is 0xe9 (save the file as UTF-8)"]),
+    ("a Latin-1 class-name file", latin1_classnames,
+     ["c.yaml: dataset.classnames: ", "names.txt is not UTF-8: line 1, byte 4 is 0xe9"]),
+    ("a GPU on a machine without one", a_gpu_here,
+     ["c.yaml: resources.gpus_per_worker: 1 worker(s) x 1 GPU need 1, but the Ray cluster "
+      "has 0"]),
+    ("weights neither cached nor reachable", weights_not_here,
+     ["c.yaml: model.pretrained: the weights of ViT-B-16 'openai' are neither cached nor "
+      "reachable: looked for ", "/hub/models--timm--vit_base_patch16_clip_224.openai/",
+      "HF_HUB_OFFLINE=1"]),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("write", "needles"), [f[1:] for f in FOUR], ids=[f[0] for f in FOUR])
+def test_validate_and_train_refuse_each_in_one_line_before_ray(
+        tmp_path: Path, write: Any, needles: list[str]) -> None:
+    path, env = write(tmp_path)
+    lines = refused_lines(tmp_path, [["validate", str(path)], ["train", str(path)]], **env)
+    assert lines[0] == lines[1], lines
+    assert lines[0].startswith("flyp-ray: error: "), lines[0]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.mark.slow
+def test_a_train_config_is_refused_by_the_searches_in_one_line(tmp_path: Path) -> None:
+    raw = tiny_config(tmp_path)
+    del raw["search"]
+    path = write_config(tmp_path / "c.yaml", raw)
+    lines = refused_lines(tmp_path, [["tune", str(path)], ["tune-all", str(path)],
+                                     ["compare", "--tune", str(path)]])
+    assert set(lines) == {f"flyp-ray: error: {path}: search.space: is empty, so a search has "
+                          f"nothing to search: name at least one train field (e.g. lr: {{type: "
+                          f"float, low: 1.0e-6, high: 1.0e-4, log: true}}); train runs this "
+                          f"config as it is"}
 
 
 # --- more of what users get wrong ----------------------------------------------------------
@@ -168,17 +387,15 @@ def test_warnings_leave_validate_at_0(tmp_path: Path, capsys: pytest.CaptureFixt
 
 
 def test_a_gpu_config_that_decodes_in_the_training_process_is_warned_of(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        tmp_path: Path) -> None:
+    # The warnings alone: validate refuses a GPU config outright on a machine without a GPU.
     raw = tiny_config(tmp_path, resources={"gpus_per_worker": 1, "cpus_per_worker": 8})
     path = write_config(tmp_path / "c.yaml", raw)
-    assert cli.main(["validate", str(path)]) == 0
-    warnings = [line for line in capsys.readouterr().err.splitlines()
-                if line.startswith("flyp-ray: warn")]
-    assert warnings == [
-        f"flyp-ray: warning: {path}: dataset.loader_workers: 0 with GPUs: the training process "
+    assert preflight.data_path_warnings(config.load(path)) == [
+        f"{path}: dataset.loader_workers: 0 with GPUs: the training process "
         f"decodes every image itself while the GPU waits; set dataset.loader_workers: -1 (one "
         f"per CPU of the worker but one)",
-        f"flyp-ray: warning: {path}: dataset.cache: none with GPUs: every epoch decodes every "
+        f"{path}: dataset.cache: none with GPUs: every epoch decodes every "
         f"image again (about 300 images/s per core); set dataset.cache: disk"]
 
     fed = config.load(path, ["dataset.loader_workers=-1", "dataset.cache=disk",

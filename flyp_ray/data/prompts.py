@@ -14,6 +14,7 @@ from pathlib import Path
 
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 
+from flyp_ray.config import decode_utf8
 from flyp_ray.errors import ConfigError
 
 TEMPLATES: dict[str, tuple[str, ...]] = {
@@ -203,12 +204,12 @@ def read_classnames(file: str, source: str) -> list[str]:
     """Read a class-name file: one name per line, blank lines and surrounding spaces ignored."""
     path = Path(file).expanduser()
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(source, "dataset.classnames", f"file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as err:
+    except OSError as err:
         raise ConfigError(source, "dataset.classnames", f"cannot read {path} ({err})") from None
-    names = _parse_names(text)
+    names = _parse_names(decode_utf8(data, source, "dataset.classnames", str(path)))
     if not names:
         raise ConfigError(source, "dataset.classnames", f"{path} holds no class names")
     return names

@@ -10,7 +10,8 @@ import os
 import socket
 
 from flyp_ray.config import Config
-from flyp_ray.errors import BadInput, ConfigError
+from flyp_ray.distributed import capacity
+from flyp_ray.errors import BadInput
 
 RAY_ENV = {
     # Ray Train gives a worker group 60 s to start; on a busy or small machine, starting a
@@ -47,7 +48,7 @@ def init_ray(cfg: Config | None = None, address: str | None = None) -> None:
             raise BadInput(f"RAY_ADDRESS: cannot reach a Ray cluster at {address!r} "
                            f"({type(err).__name__})") from None
     if cfg is not None:
-        check_fits(cfg, ray.cluster_resources())
+        check_connected(cfg)
 
 
 def check_address() -> str | None:
@@ -81,23 +82,9 @@ def check_reachable(address: str | None, timeout_s: float = 5.0) -> bool:
     return True
 
 
-def cluster_resources() -> dict[str, float]:
-    """What the connected Ray cluster has, by resource name."""
-    import ray
-
-    return dict(ray.cluster_resources())
-
-
-def check_fits(cfg: Config, cluster: dict[str, float]) -> None:
-    """Refuse a worker group that needs more GPUs or CPUs than the whole cluster has."""
-    r = cfg.resources
-    for name, key, per_worker in (("GPU", "gpus_per_worker", r.gpus_per_worker),
-                                  ("CPU", "cpus_per_worker", r.cpus_per_worker)):
-        need, have = r.workers * per_worker, cluster.get(name, 0.0)
-        if need > have:
-            raise ConfigError(
-                cfg.source, f"resources.{key}", f"{r.workers} worker(s) x {per_worker:g} "
-                f"{name} need {need:g}, but the Ray cluster has {have:g}")
+def check_connected(cfg: Config) -> None:
+    """Refuse a worker group the connected cluster cannot hold, nor its autoscaler add."""
+    capacity.judge(cfg, capacity.connected())  # its warnings were given before Ray started
 
 
 def shutdown_if_started() -> None:

@@ -21,6 +21,7 @@ import torch
 
 from flyp_ray.config import ModelConfig, TrainConfig, did_you_mean
 from flyp_ray.errors import ModelError, first_line
+from flyp_ray.finetune import weights
 
 log = logging.getLogger(__name__)
 
@@ -105,12 +106,17 @@ def open_checkpoint(path: Path, source: str) -> None:
 
 
 def _check_pretrained(name: str, pretrained: str | None, source: str) -> str:
+    """What ``pretrained`` is for ``name``; weights to fetch must be cached or reachable."""
     if name.startswith(HF_HUB) or pretrained is None:
-        return "weights from the hub" if name.startswith(HF_HUB) else "random initialisation"
+        if not name.startswith(HF_HUB):
+            return "random initialisation"
+        return f"weights from the hub ({weights.locate(name, None, source, 'model.arch')})"
     if pretrained.startswith(HF_HUB):
-        return f"weights from {pretrained}"
+        where = weights.locate(name, pretrained, source, "model.pretrained")
+        return f"weights from {pretrained} ({where})"
     if pretrained in open_clip.list_pretrained_tags_by_model(name):
-        return f"pretrained tag {pretrained!r}"
+        where = weights.locate(name, pretrained, source, "model.pretrained")
+        return f"pretrained tag {pretrained!r} ({where})"
     path = Path(pretrained).expanduser()
     if path.is_file():
         return f"checkpoint {path}"
@@ -124,9 +130,11 @@ def load_model(cfg: ModelConfig, source: str = "<config>") -> LoadedModel:
     """Build the open_clip model, transforms and tokenizer of ``cfg`` (weights on the CPU)."""
     name = resolve_arch(cfg.arch, f"{source}: model.arch")
     pretrained = cfg.pretrained
+    # What validate checked, with the same line: a worker that still finds the weights neither
+    # cached nor reachable stops in seconds, not after open_clip's minutes of retries.
+    _check_pretrained(name, pretrained, source)
     if pretrained is not None and pretrained.startswith(HF_HUB) and not name.startswith(HF_HUB):
         name, pretrained = pretrained, None  # open_clip reads hub weights from the model name
-    _check_pretrained(name, pretrained, source)
     if pretrained is None and not name.startswith(HF_HUB):
         log.warning("model.pretrained is null: %s starts from random weights", name)
     elif pretrained is not None and Path(pretrained).expanduser().is_file():
