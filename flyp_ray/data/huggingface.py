@@ -66,6 +66,13 @@ def load(cfg: DatasetConfig, source: str) -> Loaded:
                   classnames=classnames, where=where, notes=notes)
 
 
+def columns(cfg: DatasetConfig, source: str) -> tuple[str, str]:
+    """The image and label columns of the DatasetDict at ``dataset.root`` (``init`` writes
+    them into the config it makes)."""
+    data, where = _open(cfg, source)
+    return _columns(cfg, data, where, source)
+
+
 # --- opening -------------------------------------------------------------------------------
 
 
@@ -99,6 +106,9 @@ def _from_hub(cfg: DatasetConfig, source: str) -> Any:
     import datasets
 
     name = str(cfg.root)
+    # The library warns on every load from its cache that it did not ask the hub; every
+    # worker of every trial would repeat it.
+    datasets.logging.set_verbosity_error()
     try:
         with offline(not cfg.download):
             return datasets.load_dataset(name)
