@@ -142,6 +142,8 @@ def cmd_init(args: argparse.Namespace) -> int:
 
     if args.out and Path(args.out).exists():
         raise BadInput(f"--out: {args.out} exists; remove it or name another file")
+    if args.out and not Path(args.out).absolute().parent.is_dir():
+        raise BadInput(f"--out: {args.out}: no folder {Path(args.out).absolute().parent}")
     text, draft = init.run_init(args.data, args.overrides, args.out)
     for line in draft.found:
         print(f"flyp-ray init: {line}", file=sys.stderr)

@@ -281,8 +281,11 @@ def _undecided(d: Draft, found: Found) -> None:
     coded = [n for n in found.facts.classnames if not re.search(r"[A-Za-z]{2}", n)
              or re.fullmatch(r"n\d{8}", n)]
     if coded:
+        imagenet = (" (ImageNet's wnids: dataset.name: imagenet knows their names)"
+                    if re.fullmatch(r"n\d{8}", coded[0]) else "")
         d.undecided.append(f"class names such as {coded[0]!r} are codes, and the prompts say "
-                           f"them as they are: name the classes in a dataset.classnames file")
+                           f"them as they are: name the classes in a dataset.classnames "
+                           f"file{imagenet}")
     d.undecided.append("model: ViT-B-16 with OpenAI's weights, the reference's; --set "
                        "model.arch=... for another open_clip model")
 

@@ -116,6 +116,7 @@ def test_what_init_cannot_read_is_one_line(capsys: pytest.CaptureFixture[str],
             (["init", str(tmp_path / "flat")], "look like class folders: put them under train/"),
             (["init", str(tmp_path / "nothing")], "no such folder"),
             (["init", str(root), "--out", str(tmp_path / "taken.yaml")], "exists"),
+            (["init", str(root), "--out", str(tmp_path / "no" / "x.yaml")], "no folder"),
             (["init", str(root), "--set", "train.epochs=0"], "train.epochs")):
         code, _, err = run(capsys, *argv)
         assert code == 2 and err.count("\n") == 1 and needle in err, err

@@ -85,7 +85,9 @@ def _cached(split: Split, src: Source, plan: cache.Plan, cfg: DatasetConfig) -> 
         key = cache.cache_key({"name": cfg.name, "root": cfg.root, "metadata": cfg.metadata,
                                "split": split.name, "transform": repr(plan.store),
                                "positions": _digest(base.positions),
-                               "first": str(src.path(0)) if src.path and len(base) else ""})
+                               "first": str(src.path(0)) if src.path and len(base) else "",
+                               # a Hugging Face split saved again at the same root is new data
+                               "fingerprint": src.fingerprint})
         folder = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else cache.default_dir()
         store = cache.disk_store(folder, key, len(stored), plan.size)
     return dataclasses.replace(split, dataset=cache.CachedImages(stored, store),
