@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flyp_ray.config import DatasetConfig
-from flyp_ray.errors import DataError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -71,8 +70,9 @@ class DataDigest:
 def data_digest(cfg: DatasetConfig, source: str) -> DataDigest:
     """The digest of ``cfg``'s data set: lists its files as a run would, reads no image.
 
-    A listed file that is gone is a :class:`DataError` naming it. A WILDS folder still to be
-    downloaded (``dataset.download``) has no digest yet: an empty one is returned.
+    A listed file that is gone counts as such (the run that reads it stops on it). A WILDS
+    folder still to be downloaded (``dataset.download``) has no digest yet: an empty one is
+    returned.
     """
     from flyp_ray.data import load  # the loaders: torch, PIL, open_clip's metadata, ...
 
@@ -131,11 +131,14 @@ def _file_records(src: Source, positions: np.ndarray, root: str) -> bytes:
     lines = []
     for position in positions:
         path = str(src.path(int(position)))
+        relative = path[len(root):] if root and path.startswith(root) else path
         try:
             stat = os.stat(path)
         except FileNotFoundError:
-            raise DataError(f"image file listed but not found: {path}") from None
-        relative = path[len(root):] if root and path.startswith(root) else path
+            # Recorded, not refused: the digest says what is there, and a run meets a missing
+            # image with its own one-line error, as validate's checks expect.
+            lines.append(f"{relative}\0missing\n")
+            continue
         lines.append(f"{relative}\0{stat.st_size}\0{stat.st_mtime_ns}\n")
     return "".join(lines).encode("utf-8", "surrogateescape")
 
