@@ -227,3 +227,16 @@ def test_a_search_records_its_data_on_every_run(ray_session: None,
     version = summary["registered_model"]
     tags = client.get_model_version(version["name"], version["version"]).tags
     assert tags["data_digest"] == data.digest
+
+
+@pytest.mark.slow
+def test_resources_from_the_cluster_at_ray_address(ray_session: None,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import ray
+
+    address = ray.get_runtime_context().gcs_address
+    monkeypatch.setenv("RAY_ADDRESS", address)
+    where = init.machine()
+    assert where == init.Machine(f"the Ray cluster at {address}", gpus=0, node_gpus=0,
+                                 node_cpus=2, cluster=False)
+    assert ray.is_initialized()  # the session's Ray: joined, not shut down
