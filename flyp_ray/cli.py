@@ -37,6 +37,15 @@ def parser() -> argparse.ArgumentParser:
     top.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = top.add_subparsers(dest="command", required=True)
 
+    init = sub.add_parser("init", help="write a complete config for a data set folder "
+                                       "(ImageFolder, save_to_disk dataset, WILDS, csv)")
+    init.add_argument("data", metavar="DATA",
+                      help="the data set's folder, or a Hugging Face hub name in the local cache")
+    init.add_argument("--out", metavar="FILE", help="write the config here (default: stdout)")
+    init.add_argument("--set", dest="overrides", action="append", default=[],
+                      metavar="KEY=VALUE", help="override what init decides (model.arch=...)")
+    init.set_defaults(run=cmd_init)
+
     validate = sub.add_parser("validate", help="check a config, its data and model; train nothing")
     _add_config(validate)
     validate.set_defaults(run=cmd_validate)
@@ -122,6 +131,31 @@ def parser() -> argparse.ArgumentParser:
 def load_config(args: argparse.Namespace) -> config_mod.Config:
     """The config named on the command line, with its --set overrides."""
     return config_mod.load(args.config, args.overrides)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    """Write a config for a data folder (the YAML on stdout without --out); what was found and
+    what was not decided on stderr."""
+    from pathlib import Path
+
+    from flyp_ray import init
+
+    if args.out and Path(args.out).exists():
+        raise BadInput(f"--out: {args.out} exists; remove it or name another file")
+    if args.out and not Path(args.out).absolute().parent.is_dir():
+        raise BadInput(f"--out: {args.out}: no folder {Path(args.out).absolute().parent}")
+    text, draft = init.run_init(args.data, args.overrides, args.out)
+    for line in draft.found:
+        print(f"flyp-ray init: {line}", file=sys.stderr)
+    for line in draft.undecided:
+        print(f"flyp-ray init: not decided: {line}", file=sys.stderr)
+    if not args.out:
+        sys.stdout.write(text)
+        return 0
+    Path(args.out).write_text(text)
+    print(f"flyp-ray init: wrote {args.out}; next: flyp-ray validate {args.out}", file=sys.stderr)
+    print_json({"config": args.out, "dataset": draft.raw["dataset"]["name"]})
+    return 0
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

@@ -30,6 +30,7 @@ DatasetName = Literal[
     # torchvision-backed transfer and few-shot sets (flyp_ray/data/transfer.py)
     "caltech101", "stanford_cars", "flowers102", "pcam", "rendered_sst2",
     "imagenet",  # ILSVRC-2012 with its shifts as OOD test sets (flyp_ray/data/imagenet.py)
+    "imagefolder", "huggingface",  # a user's own: root/<split>/<class>/, a datasets DatasetDict
 ]
 # ImageNet's distribution shifts, each evaluated as the split ``ood_test/<name>``.
 OodSet = Literal["imagenet_v2", "imagenet_r", "imagenet_a", "imagenet_sketch", "objectnet"]
@@ -128,11 +129,11 @@ class DatasetConfig:
     """Where the images are and how their classes are worded."""
 
     name: DatasetName = "synthetic"
-    root: str | None = None  # WILDS root_dir or the folder of a csv data set
+    root: str | None = None  # WILDS root_dir, a data set's folder, or a Hugging Face hub name
     templates: str | list[str] | None = None  # a built-in set name or strings with "{}"
     classnames: str | None = None  # a file with one class name per line, overriding built-ins
     metadata: str = "metadata.csv"  # csv data sets: filepath,label,split[,group], relative to root
-    download: bool = False  # WILDS only; never on unless asked
+    download: bool = False  # WILDS and Hugging Face hub names only; never on unless asked
     subsample: int | None = None  # at most this many images per split (quick runs, tests)
     loader_workers: int = 0  # DataLoader worker processes per Ray worker; -1: its CPUs less one
     cache: CacheKind = "none"  # decode each image once into uint8 at model resolution
@@ -140,6 +141,9 @@ class DatasetConfig:
     # imagenet only: the shift sets to evaluate, each as split ood_test/<name> (docs/DATASETS.md)
     ood_sets: list[OodSet] | None = None
     ood_root: str | None = None  # the folder holding them under their usual names; None: root/..
+    # huggingface only: the columns of the image and the label; None: found by their features
+    image_column: str | None = None
+    label_column: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,7 +24,7 @@ from flyp_ray.finetune import pretrain
 from flyp_ray.finetune.evaluate import evaluate_splits, zero_shot_head
 from flyp_ray.finetune.model import load_model, tiny_config_path
 from flyp_ray.search import tune
-from flyp_ray.tracking import runs
+from flyp_ray.tracking import inputs, runs
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,7 @@ def log_zero_shot(cfg: config.Config, metrics: dict[str, float]) -> str:
     """The baseline as an MLflow run of its own (method zeroshot, epoch 0)."""
     zs = config.with_train(cfg, method="zeroshot", epochs=0)
     run_id = runs.start_run(zs, "zeroshot", {runs.KIND_TAG: "zeroshot"})
+    inputs.log_data(cfg.tracking.uri, run_id, inputs.measure(cfg))
     runs.log_metrics(cfg.tracking.uri, run_id, metrics, step=0)
     runs.end_run(cfg.tracking.uri, run_id)
     return run_id

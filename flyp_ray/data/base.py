@@ -10,7 +10,8 @@ split (after subsampling); evaluation hands those indices back to ``Split.offici
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from flyp_ray.config import DatasetConfig
+from flyp_ray.config import SPLITS, DatasetConfig
 from flyp_ray.errors import ConfigError, DataError
 
 Transform = Callable[[Image.Image], Any]
@@ -97,6 +98,7 @@ class DataFacts:
     splits: dict[str, SplitFacts]  # empty while the data set is still to be downloaded
     classes: int
     train_per_class: dict[int, int]  # training images of each class present (subsampled)
+    classnames: tuple[str, ...] = ()  # label i's name; empty while still to be downloaded
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +113,10 @@ class Source:
     # the data set has none
     official: Callable[[np.ndarray], OfficialEval] | None = None
     class_map: torch.Tensor | None = None  # becomes Split.class_map
+    # What identifies the content of items that are not one file each (a Hugging Face split's
+    # fingerprint, a generator's parameters, an h5 file's stat), for the data digest
+    # (:mod:`flyp_ray.data.digest`); file-backed items are identified through ``path``.
+    fingerprint: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +126,34 @@ class Loaded:
     sources: dict[str, Source]
     classnames: list[str]
     where: str  # for messages: the folder or file the data came from; "" when built in
+    # What the loader decided that a user should hear (files skipped, a split carved), for the
+    # line ``validate`` prints
+    notes: tuple[str, ...] = ()
+
+
+# A user's own split names (ImageFolder's split folders, a DatasetDict's splits) -> ours.
+OWN_SPLITS: dict[str, str] = {"train": "train", "val": "id_val", "valid": "id_val",
+                              "validation": "id_val", "test": "id_test", "ood_val": "ood_val",
+                              "ood_test": "ood_test"}
+OWN_SPLITS_TEXT = "train, val|valid|validation (id_val), test (id_test), ood_val, ood_test"
+
+
+def own_splits(names: Sequence[str], what: Callable[[str], str]) -> dict[str, str]:
+    """Our split -> the user's name for it, in SPLITS order; ``what(name)`` words a name for
+    messages. Refuses a name that is not one of :data:`OWN_SPLITS`, two names for one split,
+    and a data set without ``train``."""
+    ours: dict[str, str] = {}
+    for name in sorted(names):
+        if name not in OWN_SPLITS:
+            raise DataError(f"{what(name)} is not a split (accepted: {OWN_SPLITS_TEXT})")
+        split = OWN_SPLITS[name]
+        if split in ours:
+            raise DataError(f"{what(ours[split])} and {what(name)} are both {split}: keep one")
+        ours[split] = name
+    if "train" not in ours:
+        have = f" (it has {', '.join(sorted(names))})" if names else ""
+        raise DataError(f"{what('train')} not found: a data set needs a train split{have}")
+    return {split: ours[split] for split in SPLITS if split in ours}
 
 
 
@@ -160,6 +194,29 @@ def open_rgb(open_image: Callable[[], Image.Image], path: Path) -> Image.Image:
         raise DataError(f"cannot read image {path} ({one_line(err)})") from err
 
 
+class FileList:
+    """Relative file names under a folder, packed into one bytes object.
+
+    ImageNet's train split has 1.28 million files; one bytes object and an offset array take a
+    fraction of the memory of as many Path or str objects, and pickle fast to each worker.
+    """
+
+    def __init__(self, folder: Path, names: list[str]) -> None:
+        # surrogateescape: a file name that is not UTF-8 comes back as os.scandir gave it
+        encoded = [n.encode("utf-8", "surrogateescape") for n in names]
+        self.folder = folder
+        self.blob = b"".join(encoded)
+        self.ends = np.cumsum([len(e) for e in encoded], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def path(self, position: int) -> Path:
+        start = int(self.ends[position - 1]) if position else 0
+        return self.folder / self.blob[start:int(self.ends[position])].decode("utf-8",
+                                                                               "surrogateescape")
+
+
 class FileReader:
     """Reads the images of a file list (a csv data set)."""
 
@@ -172,6 +229,19 @@ class FileReader:
 
     def path(self, position: int) -> Path:
         return self.paths[position]
+
+
+def files_fingerprint(paths: Sequence[Path]) -> str:
+    """``name size mtime_ns`` of each file: what a data digest knows of files it does not read
+    item by item (an h5 file of images, a WILDS metadata table). Missing files count as such."""
+    parts = []
+    for path in paths:
+        try:
+            stat = os.stat(path)
+            parts.append(f"{path.name} {stat.st_size} {stat.st_mtime_ns}")
+        except FileNotFoundError:
+            parts.append(f"{path.name} missing")
+    return "; ".join(parts)
 
 
 def dataset_root(cfg: DatasetConfig, source: str) -> Path:

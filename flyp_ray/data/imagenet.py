@@ -44,7 +44,7 @@ from PIL import Image
 
 from flyp_ray.config import DatasetConfig
 from flyp_ray.data import prompts
-from flyp_ray.data.base import Loaded, Source, dataset_root, one_line, open_rgb
+from flyp_ray.data.base import FileList, Loaded, Source, dataset_root, one_line, open_rgb
 from flyp_ray.errors import DataError
 
 NUM_CLASSES = 1000
@@ -171,36 +171,15 @@ def _source(folder: Path, classes: Classes, labels: Sequence[int],
     for (name, files), label in zip(classes, labels, strict=True):
         names += [f"{name}/{f}" for f in files]
         items += [label] * len(files)
-    reader = _Reader(_Files(folder, names), border)
+    reader = _Reader(FileList(folder, names), border)
     return Source(read=reader, labels=np.asarray(items, dtype=np.int64), groups=None,
                         path=reader.path, class_map=class_map)
-
-
-class _Files:
-    """Relative file names under a folder, packed into one bytes object.
-
-    ImageNet's train split has 1.28 million files; one bytes object and an offset array take a
-    fraction of the memory of as many Path or str objects, and pickle fast to each worker.
-    """
-
-    def __init__(self, folder: Path, names: list[str]) -> None:
-        encoded = [n.encode() for n in names]
-        self.folder = folder
-        self.blob = b"".join(encoded)
-        self.ends = np.cumsum([len(e) for e in encoded], dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.ends)
-
-    def path(self, position: int) -> Path:
-        start = int(self.ends[position - 1]) if position else 0
-        return self.folder / self.blob[start:int(self.ends[position])].decode()
 
 
 class _Reader:
     """Reads one split's images; ``border`` pixels are cropped off each side."""
 
-    def __init__(self, files: _Files, border: int = 0) -> None:
+    def __init__(self, files: FileList, border: int = 0) -> None:
         self.files = files
         self.border = border
 

@@ -5,6 +5,9 @@ Several kinds of source, one shape of result (:class:`flyp_ray.data.base.Data`):
 - ``iwildcam``, ``fmow``, ``camelyon17``: WILDS' own loader on the user's folder
   (:mod:`flyp_ray.data.wilds`).
 - ``csv``: a metadata CSV and a class-name file: any image set (:mod:`flyp_ray.data.csv`).
+- ``imagefolder``: ``root/<split>/<class>/<image>`` (:mod:`flyp_ray.data.imagefolder`).
+- ``huggingface``: a ``datasets`` DatasetDict from ``save_to_disk``, or a hub name in the local
+  cache (:mod:`flyp_ray.data.huggingface`).
 - ``synthetic``: :mod:`flyp_ray.data.synthetic`, generated on the fly.
 - ``imagenet``: ILSVRC-2012's class folders, with ImageNetV2, -R, -A, -Sketch and ObjectNet as
   ``ood_test/<set>`` splits (:mod:`flyp_ray.data.imagenet`).
@@ -24,7 +27,17 @@ from pathlib import Path
 import numpy as np
 
 from flyp_ray.config import SPLITS, DatasetConfig
-from flyp_ray.data import cache, csv, imagenet, prompts, synthetic, transfer, wilds
+from flyp_ray.data import (
+    cache,
+    csv,
+    huggingface,
+    imagefolder,
+    imagenet,
+    prompts,
+    synthetic,
+    transfer,
+    wilds,
+)
 from flyp_ray.data.base import (
     Data,
     DataFacts,
@@ -48,7 +61,7 @@ def load_data(
     ``train`` items go through ``train_transform``, all other splits through ``eval_transform``.
     """
     templates = prompts.templates_for(cfg.templates, cfg.name, source)
-    loaded = _load(cfg, source)
+    loaded = load_sources(cfg, source)
     splits = {}
     for name, src in loaded.sources.items():
         transform = train_transform if name == "train" else eval_transform
@@ -72,7 +85,9 @@ def _cached(split: Split, src: Source, plan: cache.Plan, cfg: DatasetConfig) -> 
         key = cache.cache_key({"name": cfg.name, "root": cfg.root, "metadata": cfg.metadata,
                                "split": split.name, "transform": repr(plan.store),
                                "positions": _digest(base.positions),
-                               "first": str(src.path(0)) if src.path and len(base) else ""})
+                               "first": str(src.path(0)) if src.path and len(base) else "",
+                               # a Hugging Face split saved again at the same root is new data
+                               "fingerprint": src.fingerprint})
         folder = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else cache.default_dir()
         store = cache.disk_store(folder, key, len(stored), plan.size)
     return dataclasses.replace(split, dataset=cache.CachedImages(stored, store),
@@ -95,23 +110,50 @@ def check_data(cfg: DatasetConfig, source: str) -> str:
 def inspect_data(cfg: DatasetConfig, source: str) -> DataFacts:
     """What :func:`check_data` checks, with the splits, sizes and classes a run will see."""
     prompts.templates_for(cfg.templates, cfg.name, source)
-    if cfg.name in wilds.SPECS and cfg.download:
-        folder, missing = wilds.layout(cfg, source)
-        if missing:
-            line = f"{cfg.name} at {folder}: not there yet, to be downloaded (dataset.download)"
-            return DataFacts(line, {}, 0, {})
-    loaded = _load(cfg, source)
+    pending = pending_download(cfg, source)
+    if pending:
+        return DataFacts(f"{cfg.name} at {pending}: not there yet, to be downloaded "
+                         f"(dataset.download)", {}, 0, {})
+    loaded = load_sources(cfg, source)
     for name, src in loaded.sources.items():
         if src.path is not None and len(src.labels) and not src.path(0).exists():
             raise DataError(f"{source}: dataset.root: first {name} image not found: {src.path(0)}")
+    if cfg.name in DECODED_AT_CHECK:
+        decode_sample(loaded, cfg.subsample)
     sizes = ", ".join(f"{name} {len(src.labels)}" for name, src in loaded.sources.items())
     where = f"at {loaded.where}" if loaded.where else "(built in)"
     classes = len(loaded.classnames)
     line = f"{cfg.name} {where}: {len(loaded.sources)} splits ({sizes}), {classes} classes"
+    line += "".join(f"; {note}" for note in loaded.notes)
     splits = {name: SplitFacts(size=len(subsample_positions(len(src.labels), cfg.subsample)),
                                grouped=src.groups is not None, official=src.official is not None)
               for name, src in loaded.sources.items()}
-    return DataFacts(line, splits, classes, _per_class(loaded.sources.get("train"), cfg))
+    return DataFacts(line, splits, classes, _per_class(loaded.sources.get("train"), cfg),
+                     tuple(loaded.classnames))
+
+
+# A user's own folder (an export, a scrape) may hold files that are not what their names say:
+# a few images of each split are decoded before Ray starts, so that a wholesale problem (HEIC
+# files named .jpg, a truncated copy) is refused with its path by validate, not a run.
+DECODED_AT_CHECK = ("imagefolder", "huggingface")
+DECODE_SAMPLE = 8  # images per split, spread over it
+
+
+def decode_sample(loaded: Loaded, subsample: int | None) -> None:
+    """Decode up to :data:`DECODE_SAMPLE` images of each split (those a run reads)."""
+    for src in loaded.sources.values():
+        kept = subsample_positions(len(src.labels), subsample)
+        spread = np.linspace(0, len(kept) - 1, min(DECODE_SAMPLE, len(kept)))
+        for pick in np.unique(spread.round().astype(np.int64)):
+            src.read(int(kept[pick]))
+
+
+def pending_download(cfg: DatasetConfig, source: str) -> str:
+    """Where a data set that ``dataset.download`` will fetch is still missing; "" if none is."""
+    if cfg.name in wilds.SPECS and cfg.download:
+        folder, missing = wilds.layout(cfg, source)
+        return str(folder) if missing else ""
+    return ""
 
 
 def _per_class(train: Source | None, cfg: DatasetConfig) -> dict[int, int]:
@@ -122,11 +164,16 @@ def _per_class(train: Source | None, cfg: DatasetConfig) -> dict[int, int]:
     return {int(v): int(c) for v, c in zip(values, counts, strict=True)}
 
 
-def _load(cfg: DatasetConfig, source: str) -> Loaded:
+def load_sources(cfg: DatasetConfig, source: str) -> Loaded:
+    """The loader's view of ``cfg``'s data set: one source per split, none subsampled yet."""
     if cfg.name in wilds.SPECS:
         return wilds.load(cfg, source)
     if cfg.name == "csv":
         return csv.load(cfg, source)
+    if cfg.name == "imagefolder":
+        return imagefolder.load(cfg, source)
+    if cfg.name == "huggingface":
+        return huggingface.load(cfg, source)
     if cfg.name == "synthetic":
         return _load_synthetic(cfg, source)
     if cfg.name == "imagenet":
@@ -142,5 +189,6 @@ def _load_synthetic(cfg: DatasetConfig, source: str) -> Loaded:
     sources = {}
     for name in SPLITS:
         split = synthetic.ShapesSplit(name)
-        sources[name] = Source(read=split.image, labels=split.labels(), groups=split.groups())
+        sources[name] = Source(read=split.image, labels=split.labels(), groups=split.groups(),
+                               fingerprint=synthetic.fingerprint(split))
     return Loaded(sources=sources, classnames=classnames, where="")

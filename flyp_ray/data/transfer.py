@@ -33,7 +33,14 @@ from scipy.io.matlab import MatReadError
 
 from flyp_ray.config import DatasetConfig
 from flyp_ray.data import prompts
-from flyp_ray.data.base import Loaded, Source, dataset_root, one_line, open_rgb
+from flyp_ray.data.base import (
+    Loaded,
+    Source,
+    dataset_root,
+    files_fingerprint,
+    one_line,
+    open_rgb,
+)
 from flyp_ray.errors import ConfigError, DataError
 
 SPLIT_SEED = 0  # seeds every carved split; changing it changes which images are validation
@@ -195,7 +202,8 @@ def _source(dataset: Any, open_dataset: Callable[[], Any], labels: np.ndarray,
             container: Path | None = None) -> Source:
     reader = _Reader(dataset, open_dataset, positions, files, container)
     return Source(read=reader, labels=labels[positions].astype(np.int64), groups=None,
-                   path=reader.path if files is not None else None)
+                  path=reader.path if files is not None else None,
+                  fingerprint=files_fingerprint([container]) if container else "")
 
 
 def _whole(n: int) -> np.ndarray:

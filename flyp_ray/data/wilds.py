@@ -24,7 +24,14 @@ from PIL import Image
 
 from flyp_ray.config import SPLITS, DatasetConfig
 from flyp_ray.data import prompts
-from flyp_ray.data.base import Loaded, Source, dataset_root, one_line, open_rgb
+from flyp_ray.data.base import (
+    Loaded,
+    Source,
+    dataset_root,
+    files_fingerprint,
+    one_line,
+    open_rgb,
+)
 from flyp_ray.errors import DataError
 
 
@@ -155,12 +162,13 @@ def load(cfg: DatasetConfig, source: str) -> Loaded:
         subset = dataset.get_subset(theirs)
         if len(subset) == 0:  # e.g. an FMoW folder without images of the OOD years
             continue
-        sources[ours] = _wilds_source(dataset, subset, field, spec)
+        sources[ours] = _wilds_source(dataset, subset, field, spec, folder)
     classnames = prompts.classnames_for(cfg.name, cfg.classnames, int(dataset.n_classes), source)
     return Loaded(sources=sources, classnames=classnames, where=str(folder))
 
 
-def _wilds_source(dataset: Any, subset: Any, group_field: int, spec: _WildsSpec) -> Source:
+def _wilds_source(dataset: Any, subset: Any, group_field: int, spec: _WildsSpec,
+                  folder: Path) -> Source:
     metadata = subset.metadata_array
     reader = _WildsReader(dataset, np.asarray(subset.indices), spec.image_path)
     return Source(
@@ -169,6 +177,9 @@ def _wilds_source(dataset: Any, subset: Any, group_field: int, spec: _WildsSpec)
         groups=metadata[:, group_field].numpy().astype(np.int64),
         path=reader.path,
         official=functools.partial(_official_eval, dataset, metadata),
+        # The metadata tables hold more than labels and groups (what WILDS' official metrics
+        # read: sequences, dates, ...): their stats stand for them in the data digest.
+        fingerprint=files_fingerprint([folder / name for name in spec.files]),
     )
 
 

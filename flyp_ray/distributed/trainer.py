@@ -12,7 +12,7 @@ import logging
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -22,7 +22,10 @@ from flyp_ray.config import Config, best_first, objectives
 from flyp_ray.distributed.contract import MLFLOW_RUN, RESUME_FROM, clock
 from flyp_ray.errors import FlypRayError
 from flyp_ray.finetune import wiseft
-from flyp_ray.tracking import runs
+from flyp_ray.tracking import inputs, runs
+
+if TYPE_CHECKING:
+    from flyp_ray.data.digest import DataDigest
 
 log = logging.getLogger(__name__)
 
@@ -115,20 +118,23 @@ def new_name(cfg: Config) -> str:
 
 def train(cfg: Config, name: str | None = None, resume_from: str | None = None,
           parent_run_id: str | None = None, tags: Mapping[str, str] | None = None,
-          log_model: bool = True) -> TrainOutcome:
+          log_model: bool = True, data: DataDigest | None = None) -> TrainOutcome:
     """One finetuning run with the config's fixed values, tracked as one MLflow run.
 
     ``parent_run_id`` nests that run under another (a ``compare`` or ``search`` run), and
     ``tags`` go on it (``flyp_ray.kind`` among them replaces ``train``); ``log_model`` false
     leaves the selected epoch's model unlogged (a re-check logs only its champion's). A run
     that already finished (a driver restarted after it) is read back from storage: nothing is
-    trained or logged again.
+    trained or logged again. ``data`` is the data set's digest where the caller (a search)
+    has it; else it is computed here, once, and the run records it as its dataset inputs.
     """
     name = name or new_name(cfg)
     done = finished(cfg, name, parent_run_id, tags)
     if done is not None:
         return done
+    data = data if data is not None else inputs.measure(cfg)
     run_id = _find_or_start_run(cfg, name, parent_run_id, tags or {})
+    inputs.log_data(cfg.tracking.uri, run_id, data)
     log.info("Ray Train run %s under %s; MLflow run %s", name, storage_path(cfg), run_id)
     try:
         # Rebuilding a trainer with the same name restores the run from its last checkpoint.

@@ -18,7 +18,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 
@@ -27,6 +27,9 @@ from flyp_ray.data import fewshot
 from flyp_ray.distributed import trainer
 from flyp_ray.errors import first_line
 from flyp_ray.tracking import runs
+
+if TYPE_CHECKING:
+    from flyp_ray.data.digest import DataDigest
 
 log = logging.getLogger(__name__)
 
@@ -79,15 +82,16 @@ def seed_tags(seeded: Seeded) -> dict[str, str]:
     return {runs.KIND_TAG: KIND, runs.TRIAL_TAG: seeded.trial_id, SEED_TAG: str(seeded.seed)}
 
 
-def train_seeded(cfg: Config, seeded: Seeded, parent_run_id: str,
-                 storage: str) -> dict[str, Any]:
-    """One re-check run (a Ray task): its selected epoch's metrics, or the error that ended it."""
+def train_seeded(cfg: Config, seeded: Seeded, parent_run_id: str, storage: str,
+                 data: DataDigest | None = None) -> dict[str, Any]:
+    """One re-check run (a Ray task): its selected epoch's metrics, or the error that ended it.
+    ``data``, the search's data digest, becomes the run's dataset inputs."""
     seed_cfg, tags = seed_config(cfg, seeded, storage), seed_tags(seeded)
     started = time.monotonic()
     try:
         # Only the champion's model is logged (by the search, once the means are known).
         outcome = trainer.train(seed_cfg, name=seeded.name, parent_run_id=parent_run_id,
-                                tags=tags, log_model=False)
+                                tags=tags, log_model=False, data=data)
     except Exception as err:  # noqa: BLE001 - one failed seed must not cost the others
         log.error("re-check %s failed: %s", seeded.name, first_line(err))
         return {"error": first_line(err), "seconds": time.monotonic() - started}
@@ -96,7 +100,7 @@ def train_seeded(cfg: Config, seeded: Seeded, parent_run_id: str,
 
 
 def run_all(cfg: Config, planned: Sequence[Seeded], parent_run_id: str,
-            storage: str) -> list[dict[str, Any]]:
+            storage: str, data: DataDigest | None = None) -> list[dict[str, Any]]:
     """Every planned run, at most ``max_concurrent_trials`` at a time; results in plan order.
 
     Each run is driven by a Ray task of its own that reserves no CPU (its workers reserve
@@ -109,7 +113,7 @@ def run_all(cfg: Config, planned: Sequence[Seeded], parent_run_id: str,
     while queue or results:
         while queue and len(results) < cfg.search.max_concurrent_trials:
             index, seeded = queue.pop(0)
-            results[task.remote(cfg, seeded, parent_run_id, storage)] = index
+            results[task.remote(cfg, seeded, parent_run_id, storage, data)] = index
         ready, _ = ray.wait(list(results), num_returns=1)
         for ref in ready:
             index = results.pop(ref)
@@ -188,12 +192,12 @@ def best_seed(cfg: Config, config: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 def recheck(cfg: Config, records: Sequence[Record], parent_run_id: str,
-            search_path: str) -> list[dict[str, Any]]:
+            search_path: str, data: DataDigest | None = None) -> list[dict[str, Any]]:
     """Run the re-check of a search's ``records``; its per-config summary, best trial first."""
     planned = plan(cfg, records)
     log.info("re-check: %d config(s) x %d seed(s)", len(planned) // max(1, _seeds(cfg)),
              _seeds(cfg))
-    results = run_all(cfg, planned, parent_run_id, f"{search_path}/{FOLDER}")
+    results = run_all(cfg, planned, parent_run_id, f"{search_path}/{FOLDER}", data)
     return summarise(cfg, planned, results)
 
 

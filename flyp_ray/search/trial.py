@@ -10,7 +10,7 @@ seconds of imports a trial has no use for; ``tests/search/test_trial.py`` keeps 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray.train
 import ray.tune
@@ -18,16 +18,19 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallba
 
 from flyp_ray.config import Config, with_train
 from flyp_ray.distributed import trainer
-from flyp_ray.tracking import runs
+from flyp_ray.tracking import inputs, runs
+
+if TYPE_CHECKING:
+    from flyp_ray.data.digest import DataDigest
 
 
 def run_trial(config: dict[str, Any], *, base: Config, parent_run_id: str,
-              trials_storage: str) -> None:
+              trials_storage: str, data: DataDigest | None = None) -> None:
     """One Tune trial: train ``base`` with the sampled ``config`` as a Ray Train run.
 
     The Train run and the MLflow child run are both named after the trial id, so a trial that
     Tune restarts (``--resume``) continues its Train run from its last checkpoint and logs into
-    the same MLflow run.
+    the same MLflow run. ``data``, the search's data digest, becomes the run's dataset inputs.
     """
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = dataclasses.replace(with_train(base, **config), storage=trials_storage)
@@ -35,6 +38,7 @@ def run_trial(config: dict[str, Any], *, base: Config, parent_run_id: str,
     run_id = (runs.find_run(uri, experiment, {runs.PARENT_TAG: parent_run_id,
                                                  runs.TRIAL_TAG: trial_id})
               or runs.start_trial_run(cfg, parent_run_id, trial_id))
+    inputs.log_data(uri, run_id, data)
     before = latest_checkpoint(f"{trials_storage}/{trial_id}")
     fit = trainer.build_trainer(cfg, trial_id, mlflow_run_id=run_id,
                                 callbacks=[TuneReportCallback()])

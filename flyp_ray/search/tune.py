@@ -26,7 +26,7 @@ import re
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow.fs
 import ray.train
@@ -45,7 +45,10 @@ from flyp_ray.errors import BadInput, ConfigError, FlypRayError, first_line, inp
 from flyp_ray.finetune import wiseft
 from flyp_ray.search import budget, plots, recheck, space
 from flyp_ray.search.trial import run_trial
-from flyp_ray.tracking import registry, runs
+from flyp_ray.tracking import inputs, registry, runs
+
+if TYPE_CHECKING:
+    from flyp_ray.data.digest import DataDigest
 
 log = logging.getLogger(__name__)
 
@@ -183,15 +186,17 @@ def check(cfg: Config, resume: bool = False) -> None:
         locate(cfg, resume=True)
 
 
-def trainable(cfg: Config, search: Search, parent_run_id: str) -> Any:
+def trainable(cfg: Config, search: Search, parent_run_id: str,
+              data: DataDigest | None = None) -> Any:
     """The trial function with its fixed arguments and the resources of the driver alone."""
     with_args = ray.tune.with_parameters(run_trial, base=cfg, parent_run_id=parent_run_id,
-                                         trials_storage=search.trials_storage)
+                                         trials_storage=search.trials_storage, data=data)
     return ray.tune.with_resources(with_args, {"CPU": DRIVER_CPUS})
 
 
 def build_tuner(cfg: Config, search: Search, parent_run_id: str,
-                points: Sequence[space.Point] = ()) -> ray.tune.Tuner:
+                points: Sequence[space.Point] = (),
+                data: DataDigest | None = None) -> ray.tune.Tuner:
     """A fresh Tuner for ``search``: OptunaSearch, the scheduler, and Tune's run settings."""
     searcher: Searcher = space.searcher(cfg, study_name=search.name, points=points)
     stopper = None
@@ -216,17 +221,18 @@ def build_tuner(cfg: Config, search: Search, parent_run_id: str,
         callbacks=[JsonLoggerCallback(), FreeStoppedWorkers()],
         stop=stopper,
     )
-    return ray.tune.Tuner(trainable(cfg, search, parent_run_id), tune_config=tune_config,
+    return ray.tune.Tuner(trainable(cfg, search, parent_run_id, data), tune_config=tune_config,
                           run_config=run_config)
 
 
-def restore_tuner(cfg: Config, search: Search, parent_run_id: str) -> ray.tune.Tuner:
+def restore_tuner(cfg: Config, search: Search, parent_run_id: str,
+                  data: DataDigest | None = None) -> ray.tune.Tuner:
     """The Tuner of an interrupted search; finished trials stay finished, the rest continue."""
     if not ray.tune.Tuner.can_restore(search.path):
         raise BadInput(f"{cfg.source}: {search.path} holds no Tune state to resume (it stopped "
                        f"before its first snapshot); start a fresh search without --resume")
     # Restoring unpickles the searcher state from the search folder: it must be trusted.
-    return ray.tune.Tuner.restore(search.path, trainable(cfg, search, parent_run_id),
+    return ray.tune.Tuner.restore(search.path, trainable(cfg, search, parent_run_id, data),
                                   resume_unfinished=True, resume_errored=True)
 
 
@@ -351,6 +357,7 @@ def run_search(cfg: Config, *, resume: bool = False,
     """
     search = locate(cfg, resume) if name is None else Search(name, search_path(cfg, name))
     uri = cfg.tracking.uri
+    data = inputs.measure(cfg)  # once, here: trials and re-checks are handed it
     if resume:
         tags = {runs.KIND_TAG: "search", runs.SEARCH_PATH_TAG: search.path}
         parent = runs.find_run(uri, cfg.tracking.experiment, tags)
@@ -359,20 +366,22 @@ def run_search(cfg: Config, *, resume: bool = False,
                            f"experiment {cfg.tracking.experiment!r} to resume")
         runs.reopen_run(uri, parent)
         log.info("resuming search %s (MLflow run %s)", search.path, parent)
-        tuner = restore_tuner(cfg, search, parent)
+        inputs.log_data(uri, parent, data)  # changed data since the start shows as more inputs
+        tuner = restore_tuner(cfg, search, parent, data)
     else:
         check(cfg)  # a bad space or scheduler fails before the MLflow run exists
         points = starting_points(cfg, warm_points)
         parent = runs.start_search_run(cfg, search.name, search.path, parent_run_id)
         log.info("search %s under %s (MLflow run %s), %d warm-start point(s)", search.name,
                  search.path, parent, len(points))
-        tuner = build_tuner(cfg, search, parent, points)
+        inputs.log_data(uri, parent, data)
+        tuner = build_tuner(cfg, search, parent, points, data)
     try:
         grid = tuner.fit()
     except BaseException:
         runs.end_run(uri, parent, "KILLED")
         raise
-    summary = finish(cfg, search, parent)
+    summary = finish(cfg, search, parent, data)
     if summary["best_trial_id"] is None:
         refuse_if_bad_input(search, list(grid.errors))
     return summary
@@ -392,7 +401,8 @@ def refuse_if_bad_input(search: Search, errors: Sequence[BaseException]) -> None
                            f"{first_line(cause)} (summary: {search.path}/{SUMMARY})") from error
 
 
-def finish(cfg: Config, search: Search, parent_run_id: str) -> dict[str, Any]:
+def finish(cfg: Config, search: Search, parent_run_id: str,
+           data: DataDigest | None = None) -> dict[str, Any]:
     """Collect the trials, tag the runs, log plots and the best model; write summary.json."""
     records = trial_records(cfg, search)
     close_trial_runs(cfg, parent_run_id, records)
@@ -410,6 +420,7 @@ def finish(cfg: Config, search: Search, parent_run_id: str) -> dict[str, Any]:
         "num_failed": sum(r["status"] == "failed" for r in records),
         "mlflow_parent_run_id": parent_run_id,
         "registered_model": None,
+        "data_digest": data.digest if data is not None else None,
     }
     metrics, _ = objectives(cfg.search)
     if len(metrics) > 1:
@@ -418,10 +429,10 @@ def finish(cfg: Config, search: Search, parent_run_id: str) -> dict[str, Any]:
     seconds = [r["seconds"] for r in records]
     if best is not None and best["checkpoint"]:
         if cfg.search.recheck is not None and not _budget_spent(cfg, seconds):
-            summary.update(_recheck(cfg, search, parent_run_id, records))
+            summary.update(_recheck(cfg, search, parent_run_id, records, data))
             seconds += [run.get("seconds", 0.0) for r in summary["recheck"] for run in r["runs"]]
         else:
-            summary["registered_model"] = _register(cfg, best, parent_run_id)
+            summary["registered_model"] = _register(cfg, best, parent_run_id, data)
     if cfg.search.budget is not None:
         summary["budget"] = {"worker_hours": cfg.search.budget.worker_hours,
                              "spent_worker_hours": budget.spent(cfg, seconds)}
@@ -487,10 +498,10 @@ def _budget_spent(cfg: Config, seconds: Sequence[float]) -> bool:
     return True
 
 
-def _recheck(cfg: Config, search: Search, parent_run_id: str,
-             records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def _recheck(cfg: Config, search: Search, parent_run_id: str, records: Sequence[dict[str, Any]],
+             data: DataDigest | None) -> dict[str, Any]:
     """Re-check the best configs with new seeds; crown and register the champion."""
-    rechecked = recheck.recheck(cfg, records, parent_run_id, search.path)
+    rechecked = recheck.recheck(cfg, records, parent_run_id, search.path, data)
     champion = recheck.champion(cfg, rechecked)
     out: dict[str, Any] = {"recheck": rechecked, "registered_model": None,
                            "champion_trial_id": champion["trial_id"] if champion else None}
@@ -511,18 +522,20 @@ def _recheck(cfg: Config, search: Search, parent_run_id: str,
     registered = registry.log_and_register(
         seed_cfg, seed["mlflow_run_id"], seed["checkpoint"], seed["metrics"],
         {**tags, "recheck.seeds": str(len(champion["seeds"])),
-         "recheck.trial_id": champion["trial_id"], "recheck.seed": str(seed["seed"])})
+         "recheck.trial_id": champion["trial_id"], "recheck.seed": str(seed["seed"]),
+         **inputs.version_tags(data)})
     out["registered_model"] = ({"name": registered[0], "version": registered[1]}
                                if registered else None)
     return out
 
 
-def _register(cfg: Config, best: Mapping[str, Any], parent_run_id: str) -> dict[str, str] | None:
+def _register(cfg: Config, best: Mapping[str, Any], parent_run_id: str,
+              data: DataDigest | None) -> dict[str, str] | None:
     """Log the best trial's model on the search's run and register it."""
     best_cfg = with_train(cfg, **best["params"])
     try:
         registered = registry.log_and_register(best_cfg, parent_run_id, best["checkpoint"],
-                                               best["metrics"])
+                                               best["metrics"], inputs.version_tags(data))
     except Exception as err:  # noqa: BLE001 - the search is done: keep its summary regardless
         log.error("registering the best model failed (%s: %s)", type(err).__name__, err)
         return None
