@@ -111,6 +111,10 @@ class Source:
     # the data set has none
     official: Callable[[np.ndarray], OfficialEval] | None = None
     class_map: torch.Tensor | None = None  # becomes Split.class_map
+    # What identifies the content of items that are not one file each (a Hugging Face split's
+    # fingerprint, a generator's parameters, an h5 file's stat), for the data digest
+    # (:mod:`flyp_ray.data.digest`); file-backed items are identified through ``path``.
+    fingerprint: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

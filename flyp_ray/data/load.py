@@ -48,7 +48,7 @@ def load_data(
     ``train`` items go through ``train_transform``, all other splits through ``eval_transform``.
     """
     templates = prompts.templates_for(cfg.templates, cfg.name, source)
-    loaded = _load(cfg, source)
+    loaded = load_sources(cfg, source)
     splits = {}
     for name, src in loaded.sources.items():
         transform = train_transform if name == "train" else eval_transform
@@ -95,12 +95,11 @@ def check_data(cfg: DatasetConfig, source: str) -> str:
 def inspect_data(cfg: DatasetConfig, source: str) -> DataFacts:
     """What :func:`check_data` checks, with the splits, sizes and classes a run will see."""
     prompts.templates_for(cfg.templates, cfg.name, source)
-    if cfg.name in wilds.SPECS and cfg.download:
-        folder, missing = wilds.layout(cfg, source)
-        if missing:
-            line = f"{cfg.name} at {folder}: not there yet, to be downloaded (dataset.download)"
-            return DataFacts(line, {}, 0, {})
-    loaded = _load(cfg, source)
+    pending = pending_download(cfg, source)
+    if pending:
+        return DataFacts(f"{cfg.name} at {pending}: not there yet, to be downloaded "
+                         f"(dataset.download)", {}, 0, {})
+    loaded = load_sources(cfg, source)
     for name, src in loaded.sources.items():
         if src.path is not None and len(src.labels) and not src.path(0).exists():
             raise DataError(f"{source}: dataset.root: first {name} image not found: {src.path(0)}")
@@ -114,6 +113,14 @@ def inspect_data(cfg: DatasetConfig, source: str) -> DataFacts:
     return DataFacts(line, splits, classes, _per_class(loaded.sources.get("train"), cfg))
 
 
+def pending_download(cfg: DatasetConfig, source: str) -> str:
+    """Where a data set that ``dataset.download`` will fetch is still missing; "" if none is."""
+    if cfg.name in wilds.SPECS and cfg.download:
+        folder, missing = wilds.layout(cfg, source)
+        return str(folder) if missing else ""
+    return ""
+
+
 def _per_class(train: Source | None, cfg: DatasetConfig) -> dict[int, int]:
     if train is None:
         return {}
@@ -122,7 +129,8 @@ def _per_class(train: Source | None, cfg: DatasetConfig) -> dict[int, int]:
     return {int(v): int(c) for v, c in zip(values, counts, strict=True)}
 
 
-def _load(cfg: DatasetConfig, source: str) -> Loaded:
+def load_sources(cfg: DatasetConfig, source: str) -> Loaded:
+    """The loader's view of ``cfg``'s data set: one source per split, none subsampled yet."""
     if cfg.name in wilds.SPECS:
         return wilds.load(cfg, source)
     if cfg.name == "csv":
@@ -142,5 +150,6 @@ def _load_synthetic(cfg: DatasetConfig, source: str) -> Loaded:
     sources = {}
     for name in SPLITS:
         split = synthetic.ShapesSplit(name)
-        sources[name] = Source(read=split.image, labels=split.labels(), groups=split.groups())
+        sources[name] = Source(read=split.image, labels=split.labels(), groups=split.groups(),
+                               fingerprint=synthetic.fingerprint(split))
     return Loaded(sources=sources, classnames=classnames, where="")

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -221,3 +223,14 @@ class ShapesSplit:
 
     def _draws(self) -> list[Draw]:
         return [draw(self.split, i, self.seed) for i in range(self.size)]
+
+
+def fingerprint(split: ShapesSplit) -> str:
+    """What decides a split's pixels: the generator's parameters and its own code.
+
+    The images are a pure function of ``(seed, split, index)`` and this module's drawing code,
+    so a hash of this file stands for any change to how they are drawn.
+    """
+    code = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+    return (f"synthetic split={split.split} seed={split.seed} size={split.size} "
+            f"image_size={split.image_size} code={code}")
