@@ -45,7 +45,7 @@ from flyp_ray.errors import BadInput, ConfigError, FlypRayError, first_line, inp
 from flyp_ray.finetune import wiseft
 from flyp_ray.search import budget, plots, recheck, space
 from flyp_ray.search.trial import run_trial
-from flyp_ray.tracking import registry, runs
+from flyp_ray.tracking import lineage, promotion, registry, runs
 
 log = logging.getLogger(__name__)
 
@@ -422,6 +422,9 @@ def finish(cfg: Config, search: Search, parent_run_id: str) -> dict[str, Any]:
             seconds += [run.get("seconds", 0.0) for r in summary["recheck"] for run in r["runs"]]
         else:
             summary["registered_model"] = _register(cfg, best, parent_run_id)
+    if summary["registered_model"] is not None:
+        summary["promotion"] = promotion.decide(cfg, summary["registered_model"]["version"],
+                                                _champion_mean(summary))
     if cfg.search.budget is not None:
         summary["budget"] = {"worker_hours": cfg.search.budget.worker_hours,
                              "spent_worker_hours": budget.spent(cfg, seconds)}
@@ -510,11 +513,17 @@ def _recheck(cfg: Config, search: Search, parent_run_id: str,
     seed_cfg = with_train(cfg, **{**champion["config"], "seed": seed["seed"]})
     registered = registry.log_and_register(
         seed_cfg, seed["mlflow_run_id"], seed["checkpoint"], seed["metrics"],
-        {**tags, "recheck.seeds": str(len(champion["seeds"])),
+        {**tags, **lineage.tags(cfg), "recheck.seeds": str(len(champion["seeds"])),
          "recheck.trial_id": champion["trial_id"], "recheck.seed": str(seed["seed"])})
     out["registered_model"] = ({"name": registered[0], "version": registered[1]}
                                if registered else None)
     return out
+
+
+def _champion_mean(summary: Mapping[str, Any]) -> dict[str, float] | None:
+    """The re-check's mean over seeds of the config it crowned (None without a re-check)."""
+    return next((r["mean"] for r in summary.get("recheck") or []
+                 if r["trial_id"] == summary.get("champion_trial_id")), None)
 
 
 def _register(cfg: Config, best: Mapping[str, Any], parent_run_id: str) -> dict[str, str] | None:
@@ -522,7 +531,7 @@ def _register(cfg: Config, best: Mapping[str, Any], parent_run_id: str) -> dict[
     best_cfg = with_train(cfg, **best["params"])
     try:
         registered = registry.log_and_register(best_cfg, parent_run_id, best["checkpoint"],
-                                               best["metrics"])
+                                               best["metrics"], lineage.tags(cfg))
     except Exception as err:  # noqa: BLE001 - the search is done: keep its summary regardless
         log.error("registering the best model failed (%s: %s)", type(err).__name__, err)
         return None
