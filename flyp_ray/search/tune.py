@@ -591,7 +591,7 @@ def run_all(configs: Sequence[Config]) -> list[dict[str, Any]]:
 def print_table(cfgs: Sequence[Config], summaries: Sequence[Mapping[str, Any]]) -> None:
     """The best result of each data set, one row per config, on stderr."""
     header = ("config", "dataset", "metric", "best", "trial", "done/failed", "model",
-              "budget (spent)")
+              "promotion", "budget (spent)")
     rows = [header]
     for cfg, s in zip(cfgs, summaries, strict=True):
         metric, _ = trainer.selection(cfg)
@@ -600,9 +600,11 @@ def print_table(cfgs: Sequence[Config], summaries: Sequence[Mapping[str, Any]]) 
         spent = s.get("budget") or {}
         rows.append((Path(cfg.source).name, cfg.dataset.name, metric,
                      "-" if value is None else f"{value:.4f}",
-                     s.get("best_trial_id") or s.get("error", "-")[:40],
+                     s.get("best_trial_id") or ("unchanged" if s.get("unchanged") else
+                                                s.get("error", "-")[:40]),
                      f"{s.get('num_completed', 0)}/{s.get('num_failed', 0)}",
                      f"{model['name']} v{model['version']}" if model else "-",
+                     (s.get("promotion") or {}).get("decision", "-"),
                      f"{spent['worker_hours']:.3g} ({spent['spent_worker_hours']:.3g})"
                      if spent else "-"))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]

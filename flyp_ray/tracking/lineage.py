@@ -23,6 +23,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+
 from flyp_ray.config import Config, resolve_recipe, to_dict
 from flyp_ray.errors import FlypRayError
 
@@ -89,3 +92,73 @@ def tags(cfg: Config) -> dict[str, str]:
     if data is not None:
         out[DATA_TAG] = data
     return out
+
+
+# --- against the champion --------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Since:
+    """The champion of a config's registered model against the config and data of now."""
+
+    name: str | None  # the registered model (None: the config registers none)
+    champion: ModelVersion | None  # None: no champion yet
+    data_digest: str | None  # now; None: the data cannot be read from here
+    config_digest: str  # now
+
+    @property
+    def data_changed(self) -> bool | None:
+        """Whether the data moved since the champion was trained; None: cannot tell."""
+        then = self.champion.tags.get(DATA_TAG) if self.champion is not None else None
+        if then is None or self.data_digest is None:
+            return None
+        return then != self.data_digest
+
+    @property
+    def config_changed(self) -> bool | None:
+        """Whether the training-relevant config moved; None: the champion does not say."""
+        then = self.champion.tags.get(CONFIG_TAG) if self.champion is not None else None
+        return None if then is None else then != self.config_digest
+
+    def reason(self) -> str | None:
+        """Why a new search is due (None: nothing changed since the champion was made)."""
+        if self.name is None:
+            return "no tracking.registered_model to compare with"
+        if self.champion is None:
+            return f"{self.name} has no champion yet"
+        version = f"champion version {self.champion.version}"
+        if self.data_changed is None:
+            return (f"the data digest of {version} or of the data now is unknown "
+                    f"({self.champion.tags.get(DATA_TAG) or 'not recorded'} / "
+                    f"{self.data_digest or 'unreadable'})")
+        if self.data_changed:
+            return (f"the data changed since {version} "
+                    f"({self.champion.tags[DATA_TAG]} -> {self.data_digest})")
+        if self.config_changed is None:
+            return f"{version} records no config digest"
+        if self.config_changed:
+            return (f"the training config changed since {version} "
+                    f"({self.champion.tags[CONFIG_TAG]} -> {self.config_digest})")
+        return None
+
+
+def since_champion(cfg: Config, *, read_data: bool = True) -> Since:
+    """The config's champion and the digests of now (the data's only with ``read_data``)."""
+    name = cfg.tracking.registered_model
+    champion = champion_version(cfg.tracking.uri, name) if name else None
+    data = data_digest(cfg) if read_data else None
+    return Since(name, champion, data, config_digest(cfg))
+
+
+def champion_version(uri: str, name: str) -> ModelVersion | None:
+    """The version the alias ``champion`` names, or None (no such model or alias, or a sqlite
+    store that does not exist yet: nothing is created to find out)."""
+    from flyp_ray.tracking import runs
+    from flyp_ray.tracking.registry import CHAMPION
+
+    if not runs.store_exists(uri):
+        return None
+    try:
+        return runs.client(uri).get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None

@@ -40,7 +40,10 @@ from mlflow.models.evaluation import EvaluationResult
 from mlflow.models.evaluation.validation import ModelValidationFailedException
 from mlflow.tracking import MlflowClient
 
-from flyp_ray.config import SPLITS, Config, objectives
+from flyp_ray.config import SPLITS, Config, did_you_mean, objectives
+from flyp_ray.data.base import SplitFacts
+from flyp_ray.errors import ConfigError
+from flyp_ray.finetune import reports
 from flyp_ray.tracking import lock, registry, runs
 
 log = logging.getLogger(__name__)
@@ -160,6 +163,18 @@ def _passed(cfg: Config, champion: Mapping[str, float], challenger: Mapping[str,
               f"{'drop' if greater_is_better(cfg, g) else 'rise'} of {p.guard[g]:g}"
               for g in guards]
     return "; ".join(parts)
+
+
+def check_guard(cfg: Config, splits: Mapping[str, SplitFacts]) -> None:
+    """Each guarded metric is one that a model's evaluation on this data set reports."""
+    names = reports.evaluation(splits, None)
+    for metric in cfg.tracking.promotion.guard:
+        if reports.pattern(metric) not in names:
+            near = did_you_mean(metric, sorted(names))
+            raise ConfigError(cfg.source, f"tracking.promotion.guard.{metric}",
+                              f"{metric!r} is not a metric of a model's evaluation on "
+                              f"{cfg.dataset.name}{near} (it reports "
+                              f"{', '.join(sorted(n for n in names if n.endswith('/acc')))}, ...)")
 
 
 # --- measuring -------------------------------------------------------------------------------
