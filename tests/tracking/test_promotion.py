@@ -20,7 +20,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from flyp_ray import config
+from flyp_ray import cli, config
 from flyp_ray.data import synthetic
 from flyp_ray.tracking import promotion, registry, runs
 from tests.support.configs import tiny_config, write_config
@@ -238,3 +238,12 @@ def test_a_decision_that_cannot_be_made_keeps_the_champion(
     assert summary["decision"] == "kept" and str(summary["why"]).startswith("no decision:")
     assert aliases(cfg) == {"champion": plain}
     mlflow.set_tracking_uri(cfg.tracking.uri)
+
+
+@pytest.mark.parametrize("command", ["tune", "tune-all", "compare"])
+def test_promote_on_the_command_line_is_the_policy_of_that_run(tmp_path: Path,
+                                                               command: str) -> None:
+    path = write_config(tmp_path / "c.yaml", tiny_config(tmp_path))
+    assert config.load(path).tracking.promotion.policy == "if-better"
+    args = cli.parser().parse_args([command, str(path), "--promote", "never"])
+    assert config.load(path, cli.overrides(args)).tracking.promotion.policy == "never"
