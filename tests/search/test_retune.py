@@ -69,7 +69,7 @@ def search_runs(client: MlflowClient, experiment: str) -> list[str]:
 
 def test_changed_searches_only_what_changed_and_status_reads_it_back(
         ray_session: None, mlflow_server: str, tmp_path: Path, wilds_root: Path,
-        capsys: pytest.CaptureFixture[str]) -> None:
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     root = tmp_path / "wilds"
     shutil.copytree(wilds_root / "iwildcam_v2.0", root / "iwildcam_v2.0")
     suffix = uuid.uuid4().hex[:6]
@@ -135,6 +135,15 @@ def test_changed_searches_only_what_changed_and_status_reads_it_back(
     assert cli.main(["status", *configs]) == 0
     table = capsys.readouterr().out
     assert wilds_model in table and f"v2 {decision['decision']}" in table
+    # Without configs: every flyp-ray model of the server, its data unknown from here.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    assert cli.main(["status", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["data_sets"]
+    by_name = {e["registered_model"]: e for e in listed}
+    assert by_name[wilds_model]["champion"]["version"] == held
+    assert by_name[wilds_model]["data_changed"] == "unknown"
+    assert by_name[synthetic_model]["dataset"] == "synthetic"
+    assert not any(name.endswith(".lock") for name in by_name)
 
 
 def test_two_searches_of_one_model_at_once_end_with_the_better_as_champion(
