@@ -124,20 +124,20 @@ def thresholds(cfg: Config, champion: Mapping[str, float]) -> dict[str, MetricTh
     out = {}
     if metric in champion:
         up = greater_is_better(cfg, metric)
-        bar = champion[metric] + (p.min_delta if up else -p.min_delta)
+        bar = float(champion[metric]) + (p.min_delta if up else -p.min_delta)
         out[metric] = MetricThreshold(threshold=math.nextafter(bar, math.inf if up else -math.inf),
                                       greater_is_better=up)
     for name, allowed in p.guard.items():
         if name in champion:
             up = greater_is_better(cfg, name)
-            floor = champion[name] - allowed if up else champion[name] + allowed
+            floor = float(champion[name]) + (-allowed if up else allowed)
             out[name] = MetricThreshold(threshold=floor, greater_is_better=up)
     return out
 
 
 def compare(cfg: Config, champion: Mapping[str, float],
             challenger: Mapping[str, float]) -> tuple[bool, str]:
-    """(promote?, why), through ``mlflow.validate_evaluation_results``.
+    """(promote?, why), judged by ``mlflow.validate_evaluation_results``.
 
     A metric the champion lacks is not compared (a guard on a split the old model never saw);
     one the challenger lacks fails (MLflow: missing from the candidate's result).
@@ -149,20 +149,37 @@ def compare(cfg: Config, champion: Mapping[str, float],
     try:
         mlflow.validate_evaluation_results(checks, EvaluationResult(dict(challenger), {}, ""))
     except ModelValidationFailedException as err:
-        return False, " ".join(str(err.message).split())
-    return True, _passed(cfg, champion, challenger, list(checks))
+        failed = [m for m in checks if f"Metric {m} " in err.message
+                  or f"metric {m} was missing" in err.message]
+        return False, _why(cfg, champion, challenger, failed or list(checks))
+    return True, _why(cfg, champion, challenger, list(checks))
 
 
-def _passed(cfg: Config, champion: Mapping[str, float], challenger: Mapping[str, float],
-            checked: list[str]) -> str:
+def _why(cfg: Config, champion: Mapping[str, float], challenger: Mapping[str, float],
+         checked: list[str]) -> str:
+    """Each check in words: the failed ones when it is kept, all of them when promoted."""
     p = cfg.tracking.promotion
-    metric, *guards = checked
-    parts = [f"{metric} {challenger[metric]:.6g} beats {champion[metric]:.6g} by more than "
-             f"min_delta {p.min_delta:g}"]
-    parts += [f"{g} {challenger[g]:.6g} vs {champion[g]:.6g}, within its allowed "
-              f"{'drop' if greater_is_better(cfg, g) else 'rise'} of {p.guard[g]:g}"
-              for g in guards]
+    parts = []
+    for m in checked:
+        if m not in challenger:
+            parts.append(f"{m} missing from the challenger's evaluation")
+            continue
+        ours, theirs = challenger[m], champion[m]
+        if m == compared_metrics(cfg)[0]:
+            verb = "beats" if _beats(cfg, m, ours, theirs) else "does not beat"
+            parts.append(f"{m} {ours:.6g} {verb} the champion's {theirs:.6g} by more than "
+                         f"min_delta {p.min_delta:g}")
+        else:
+            worse = theirs - ours if greater_is_better(cfg, m) else ours - theirs
+            within = "within" if worse <= p.guard[m] else "more than"
+            parts.append(f"{m} {ours:.6g} against the champion's {theirs:.6g}: worse by "
+                         f"{max(worse, 0.0):.6g}, {within} its allowance {p.guard[m]:g}")
     return "; ".join(parts)
+
+
+def _beats(cfg: Config, metric: str, ours: float, theirs: float) -> bool:
+    delta = cfg.tracking.promotion.min_delta
+    return ours > theirs + delta if greater_is_better(cfg, metric) else ours < theirs - delta
 
 
 def check_guard(cfg: Config, splits: Mapping[str, SplitFacts]) -> None:
