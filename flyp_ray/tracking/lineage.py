@@ -84,11 +84,11 @@ def data_digest(cfg: Config) -> str | None:
         return None
 
 
-def tags(cfg: Config) -> dict[str, str]:
+def tags(cfg: Config, data: str | None = None) -> dict[str, str]:
     """The registered version's tags: ``config_digest`` and, where it can be had,
-    ``data_digest``."""
+    ``data_digest`` (``data`` when the caller took it already, at the start of its search)."""
     out = {CONFIG_TAG: config_digest(cfg)}
-    data = data_digest(cfg)
+    data = data or data_digest(cfg)
     if data is not None:
         out[DATA_TAG] = data
     return out
