@@ -31,6 +31,12 @@ def _add_config(parser: argparse.ArgumentParser) -> None:
                              "(dataset.root=/data); the value is YAML")
 
 
+def _add_promote(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--promote", choices=("if-better", "always", "never"),
+                        help="whether the registered model becomes `champion`: if it beats the "
+                             "champion (default, tracking.promotion), always, or never")
+
+
 def parser() -> argparse.ArgumentParser:
     """The argument parser of every command."""
     top = argparse.ArgumentParser(prog="flyp-ray", description=__doc__.splitlines()[0])
@@ -60,6 +66,7 @@ def parser() -> argparse.ArgumentParser:
     _add_config(tune)
     tune.add_argument("--resume", action="store_true",
                       help="continue the newest search of this config; finished trials stay")
+    _add_promote(tune)
     tune.set_defaults(run=cmd_tune)
 
     tune_all = sub.add_parser("tune-all", help="one search per config file, in order")
@@ -70,6 +77,10 @@ def parser() -> argparse.ArgumentParser:
     tune_all.add_argument("--budget", type=float, metavar="WORKER_HOURS",
                           help="one budget for all the searches (GPU-hours when workers have "
                                "GPUs), shared in proportion to each data set's work per trial")
+    tune_all.add_argument("--changed", action="store_true",
+                          help="only the data sets whose data or training config changed since "
+                               "their champion was made; the others start nothing")
+    _add_promote(tune_all)
     tune_all.set_defaults(run=cmd_tune_all)
 
     compare = sub.add_parser("compare", help="run several methods on the config's data set and "
@@ -80,6 +91,7 @@ def parser() -> argparse.ArgumentParser:
     compare.add_argument("--tune", action="store_true",
                          help="one search per method (the config's search section) instead "
                               "of one run with the config's values")
+    _add_promote(compare)
     compare.set_defaults(run=cmd_compare)
 
     evaluate = sub.add_parser("eval", help="evaluate a logged, registered or saved model on "
@@ -89,6 +101,16 @@ def parser() -> argparse.ArgumentParser:
                                "or a checkpoint folder or file")
     _add_config(evaluate)
     evaluate.set_defaults(run=cmd_eval)
+
+    status = sub.add_parser("status", help="each data set's champion, its data and the last "
+                                           "search, read from MLflow")
+    status.add_argument("configs", nargs="*", metavar="CONFIG",
+                        help="the data sets' YAML configs (default: every flyp-ray model in "
+                             "$MLFLOW_TRACKING_URI)")
+    status.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="an override applied to every config")
+    status.add_argument("--json", action="store_true", help="one JSON object instead of a table")
+    status.set_defaults(run=cmd_status)
 
     submit = sub.add_parser("submit", help="run a flyp-ray command on a Ray cluster as a Ray job")
     submit.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS"),
@@ -130,7 +152,13 @@ def parser() -> argparse.ArgumentParser:
 
 def load_config(args: argparse.Namespace) -> config_mod.Config:
     """The config named on the command line, with its --set overrides."""
-    return config_mod.load(args.config, args.overrides)
+    return config_mod.load(args.config, overrides(args))
+
+
+def overrides(args: argparse.Namespace) -> list[str]:
+    """``--set`` overrides, with ``--promote`` as the setting it stands for."""
+    promote = getattr(args, "promote", None)
+    return [*args.overrides, *([f"tracking.promotion.policy={promote}"] if promote else [])]
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -226,22 +254,29 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_tune_all(args: argparse.Namespace) -> int:
-    """One search per config (all checked first); a table on stderr, a JSON line last."""
+    """One search per config (all checked first); a table on stderr, a JSON line last.
+
+    With ``--changed``, the data sets unchanged since their champion start nothing (and take no
+    share of ``--budget``); exit 0 when each data set is searched or unchanged.
+    """
     if args.budget is not None and not args.budget > 0:
         raise BadInput(f"--budget: must be a number of worker-hours > 0, got {args.budget}")
-    cfgs = [config_mod.load(path, args.overrides) for path in args.configs]
+    cfgs = [config_mod.load(path, overrides(args)) for path in args.configs]
     cluster.check_address()
     from flyp_ray import preflight
-    from flyp_ray.search import tune
+    from flyp_ray.search import changed, tune
 
-    cfgs = preflight.check_searches(cfgs, args.budget)
-    cluster.init_ray()
-    for cfg in cfgs:
-        cluster.check_connected(cfg)
-    summaries = tune.run_all(cfgs)
+    selected = changed.select(cfgs) if args.changed else [{} for _ in cfgs]
+    searched = changed.to_search(cfgs, selected)
+    if searched:
+        searched = preflight.check_searches(searched, args.budget)
+        cluster.init_ray()
+        for cfg in searched:
+            cluster.check_connected(cfg)
+    summaries = changed.merge(selected, tune.run_all(searched))
     tune.print_table(cfgs, summaries)
     print_json({"searches": summaries})
-    return 0 if all(s.get("best_trial_id") for s in summaries) else 1
+    return 0 if all(s.get("best_trial_id") or s.get("unchanged") for s in summaries) else 1
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -257,6 +292,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
     summary = compare.run_compare(cfg, methods, tune=args.tune)
     print_json(summary)
     return 0 if not any(row["error"] for row in summary["table"]) else 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Each data set's champion, data and last search: a table, or one JSON object."""
+    cfgs = [config_mod.load(path, args.overrides) for path in args.configs]
+    from flyp_ray.tracking import status
+
+    entries = [status.of_config(cfg) for cfg in cfgs] if cfgs else status.of_registry()
+    if args.json:
+        print_json({"data_sets": entries})
+    else:
+        print(status.table(entries))
+    return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

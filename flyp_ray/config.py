@@ -41,6 +41,7 @@ SamplerType = Literal["tpe", "random", "cmaes", "nsga2", "gp"]
 Mode = Literal["max", "min"]
 CacheKind = Literal["none", "memory", "disk"]
 Recipe = Literal["flyp", "clip"]
+Policy = Literal["if-better", "always", "never"]
 
 SPLITS = ("train", "id_val", "id_test", "ood_val", "ood_test")
 # Methods that train an image tower with a linear head (cross-entropy), not CLIP's two towers.
@@ -223,12 +224,22 @@ class SearchConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PromotionConfig:
+    """When a search's registered model becomes ``champion`` (flyp_ray/tracking/promotion.py)."""
+
+    policy: Policy = "if-better"  # --promote overrides it per command
+    min_delta: float = 0.0  # the challenger must beat the champion's search metric by more
+    guard: dict[str, float] = dataclasses.field(default_factory=dict)  # metric -> allowed drop
+
+
+@dataclasses.dataclass(frozen=True)
 class TrackingConfig:
     """Where runs, metrics and models go."""
 
     uri: str = "sqlite:///mlflow.db"
     experiment: str = "flyp-ray"
     registered_model: str | None = None
+    promotion: PromotionConfig = dataclasses.field(default_factory=PromotionConfig)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -655,9 +666,23 @@ def check(cfg: Config) -> Config:
     _check_ood_sets(cfg)
     _check_eval_splits(cfg)
     check_search(cfg.search, src)
+    check_promotion(cfg)
     _check_batch_space(cfg)
     check_budget(cfg)
     return cfg
+
+
+def check_promotion(cfg: Config) -> None:
+    """Promotion margins are amounts, never negative; a guard is on another metric than the
+    search's first (which ``min_delta`` already covers). Guard names are checked against what a
+    model's evaluation reports in preflight, where the data set's splits are known."""
+    p, src = cfg.tracking.promotion, cfg.source
+    _check(p.min_delta >= 0, src, "tracking.promotion.min_delta", p.min_delta, "must be >= 0")
+    for metric, allowed in p.guard.items():
+        key = f"tracking.promotion.guard.{metric}"
+        _check(allowed >= 0, src, key, allowed, "must be an allowed drop >= 0")
+        _check(metric != objectives(cfg.search)[0][0], src, key, allowed,
+               "guards the search metric itself: tracking.promotion.min_delta sets its margin")
 
 
 def check_budget(cfg: Config) -> None:

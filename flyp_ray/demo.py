@@ -100,12 +100,14 @@ def report(cfg: config.Config, folder: Path, zero_shot: dict[str, float],
     chosen = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                        for k, v in searched.items())
     model = summary.get("registered_model") or {}
+    decided = (summary.get("promotion") or {}).get("decision")
     return "\n".join([
         "", "flyp-ray demo: done", *rows, "",
         f"best trial   {summary.get('best_trial_id')}  {chosen}",
         f"champion     {summary.get('champion_trial_id')}  (the best mean over "
         f"{len(champion['seeds']) if champion else 0} new seeds of the 2 best trials)",
-        f"model        models:/{model.get('name')}/{model.get('version')}" if model else
+        f"model        models:/{model.get('name')}/{model.get('version')} (promotion: {decided})"
+        if model else
         "model        (not registered)",
         f"results      {folder / 'results'}",
         f"look at it   mlflow ui --backend-store-uri sqlite:///{folder / 'mlflow.db'}", "",

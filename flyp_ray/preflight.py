@@ -165,6 +165,10 @@ def check_run(cfg: Config, facts: DataFacts) -> None:
     check_eval_splits(cfg, facts)
     check_metrics(cfg, facts)
     check_training_set(cfg, facts)
+    if cfg.tracking.promotion.guard:
+        from flyp_ray.tracking import promotion
+
+        promotion.check_guard(cfg, facts.splits)
 
 
 def check_eval_splits(cfg: Config, facts: DataFacts) -> None:

@@ -70,6 +70,12 @@ def test_quoted_number_is_refused_with_a_hint(tmp_path: Path) -> None:
     ("dataset: {name: iwildcam}\n", "dataset.root", "required"),
     ("resources: {workers: 0}\n", "resources.workers", "0"),
     ("train: [1, 2]\n", "train", "expected a mapping"),
+    ("tracking: {promotion: {policy: sometimes}}\n", "tracking.promotion.policy", "'sometimes'"),
+    ("tracking: {promotion: {min_delta: -0.1}}\n", "tracking.promotion.min_delta", "-0.1"),
+    ("tracking: {promotion: {guard: {ood_test/acc: -0.01}}}\n",
+     "tracking.promotion.guard.ood_test/acc", "-0.01"),
+    ("tracking: {promotion: {guard: {id_val/acc: 0.01}}}\n",
+     "tracking.promotion.guard.id_val/acc", "the search metric itself"),
 ])
 def test_bad_values_name_key_and_value(tmp_path: Path, text: str, key: str, value: str) -> None:
     with pytest.raises(ConfigError) as err:

@@ -332,6 +332,9 @@ MORE: list[tuple[str, dict[str, Any], list[str]]] = [
          "type": "int", "low": 8, "high": 32}}}}, ["search.space.batch_size.step"]),
     ("eval_splits without the search metric's split",
      {"train": {"eval_splits": ["ood_val"]}}, ["train.eval_splits", "id_val"]),
+    ("a promotion guard no model evaluation reports",
+     {"tracking": {"promotion": {"guard": {"ood_tset/acc": 0.01}}}},
+     ["tracking.promotion.guard.ood_tset/acc", "did you mean 'ood_test/acc'"]),
 ]
 
 

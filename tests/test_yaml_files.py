@@ -286,6 +286,64 @@ def test_rayjob_runs_flyp_ray_tune_on_the_cluster() -> None:
     assert secret == {"name": cluster["spec"]["authOptions"]["secretName"], "key": "auth_token"}
 
 
+def test_retune_cronjob_submits_tune_all_changed_to_the_cluster() -> None:
+    job = _kind(DEPLOY / "retune-cronjob.yaml", "CronJob")
+    cluster = _kind(DEPLOY / "raycluster.yaml", "RayCluster")
+    assert job["spec"]["concurrencyPolicy"] == "Forbid"  # one night at a time
+    pod = job["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    words = container["command"]
+    assert words[0] == "flyp-ray"
+    submitted = cli.parser().parse_args(words[1:])
+    assert submitted.command == "submit" and submitted.wait
+    # KubeRay's head Service of the cluster, on the Jobs API port.
+    assert submitted.address == f"http://{cluster['metadata']['name']}-head-svc:8265"
+    assert submitted.working_dir == container["workingDir"] == "/app"
+    assert submitted.job_command[0] == "--"
+    command = cli.parser().parse_args(submitted.job_command[1:])
+    assert command.command == "tune-all" and command.changed and command.budget > 0
+    for path in command.configs:
+        assert path.startswith("search_spaces/")
+        cfg = config.load(ROOT / path, cli.overrides(command))
+        assert cfg.storage.startswith("/mnt/shared/")
+        assert cfg.dataset.root is not None and cfg.dataset.root.startswith("/mnt/shared/")
+        assert cfg.tracking.registered_model  # promotion needs a registered model
+    env = _env(container)
+    assert env["RAY_AUTH_MODE"]["value"] == "token"
+    secret = env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
+    assert secret == {"name": cluster["spec"]["authOptions"]["secretName"], "key": "auth_token"}
+
+
+def core_manifests() -> list[tuple[str, dict[str, Any]]]:
+    """Every Kubernetes object in deploy/ that is not a KubeRay custom resource (ray.io), whose
+    schemas kubernetes-validate does not ship."""
+    found = []
+    for path in sorted(DEPLOY.rglob("*.yaml")):
+        for doc in _docs(path):
+            if "apiVersion" in doc and "kind" in doc and not doc["apiVersion"].startswith(
+                    "ray.io/"):
+                name = f"{doc['kind']}/{doc.get('metadata', {}).get('name')}"
+                found.append((f"{path.relative_to(DEPLOY)}:{name}", doc))
+    return found
+
+
+@pytest.mark.parametrize("doc", [d for _, d in core_manifests()],
+                         ids=[name for name, _ in core_manifests()])
+def test_core_manifests_fit_kubernetes_schemas(doc: dict[str, Any]) -> None:
+    import kubernetes_validate
+
+    kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
+
+
+def test_kubernetes_schemas_refuse_a_misspelt_key() -> None:
+    import kubernetes_validate
+
+    job = _kind(DEPLOY / "retune-cronjob.yaml", "CronJob")
+    job["spec"]["schedul"] = job["spec"].pop("schedule")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(job, kubernetes_validate.latest_version(), strict=True)
+
+
 def test_rayservice_serves_the_champion_with_the_serve_app() -> None:
     from ray.serve.schema import ServeDeploySchema
 

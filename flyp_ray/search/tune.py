@@ -45,7 +45,7 @@ from flyp_ray.errors import BadInput, ConfigError, FlypRayError, first_line, inp
 from flyp_ray.finetune import wiseft
 from flyp_ray.search import budget, plots, recheck, space
 from flyp_ray.search.trial import run_trial
-from flyp_ray.tracking import inputs, registry, runs
+from flyp_ray.tracking import inputs, lineage, promotion, registry, runs
 
 if TYPE_CHECKING:
     from flyp_ray.data.digest import DataDigest
@@ -433,6 +433,9 @@ def finish(cfg: Config, search: Search, parent_run_id: str,
             seconds += [run.get("seconds", 0.0) for r in summary["recheck"] for run in r["runs"]]
         else:
             summary["registered_model"] = _register(cfg, best, parent_run_id, data)
+    if summary["registered_model"] is not None:
+        summary["promotion"] = promotion.decide(cfg, summary["registered_model"]["version"],
+                                                _champion_mean(summary))
     if cfg.search.budget is not None:
         summary["budget"] = {"worker_hours": cfg.search.budget.worker_hours,
                              "spent_worker_hours": budget.spent(cfg, seconds)}
@@ -521,12 +524,22 @@ def _recheck(cfg: Config, search: Search, parent_run_id: str, records: Sequence[
     seed_cfg = with_train(cfg, **{**champion["config"], "seed": seed["seed"]})
     registered = registry.log_and_register(
         seed_cfg, seed["mlflow_run_id"], seed["checkpoint"], seed["metrics"],
-        {**tags, "recheck.seeds": str(len(champion["seeds"])),
-         "recheck.trial_id": champion["trial_id"], "recheck.seed": str(seed["seed"]),
-         **inputs.version_tags(data)})
+        {**tags, **lineage.tags(cfg, _digest(data)), "recheck.seeds": str(len(champion["seeds"])),
+         "recheck.trial_id": champion["trial_id"], "recheck.seed": str(seed["seed"])})
     out["registered_model"] = ({"name": registered[0], "version": registered[1]}
                                if registered else None)
     return out
+
+
+def _champion_mean(summary: Mapping[str, Any]) -> dict[str, float] | None:
+    """The re-check's mean over seeds of the config it crowned (None without a re-check)."""
+    return next((r["mean"] for r in summary.get("recheck") or []
+                 if r["trial_id"] == summary.get("champion_trial_id")), None)
+
+
+def _digest(data: DataDigest | None) -> str | None:
+    """The data digest taken at the search's start (None where the data could not be read)."""
+    return data.digest if data is not None and data.digest else None
 
 
 def _register(cfg: Config, best: Mapping[str, Any], parent_run_id: str,
@@ -535,7 +548,8 @@ def _register(cfg: Config, best: Mapping[str, Any], parent_run_id: str,
     best_cfg = with_train(cfg, **best["params"])
     try:
         registered = registry.log_and_register(best_cfg, parent_run_id, best["checkpoint"],
-                                               best["metrics"], inputs.version_tags(data))
+                                               best["metrics"],
+                                               lineage.tags(cfg, _digest(data)))
     except Exception as err:  # noqa: BLE001 - the search is done: keep its summary regardless
         log.error("registering the best model failed (%s: %s)", type(err).__name__, err)
         return None
@@ -595,7 +609,7 @@ def run_all(configs: Sequence[Config]) -> list[dict[str, Any]]:
 def print_table(cfgs: Sequence[Config], summaries: Sequence[Mapping[str, Any]]) -> None:
     """The best result of each data set, one row per config, on stderr."""
     header = ("config", "dataset", "metric", "best", "trial", "done/failed", "model",
-              "budget (spent)")
+              "promotion", "budget (spent)")
     rows = [header]
     for cfg, s in zip(cfgs, summaries, strict=True):
         metric, _ = trainer.selection(cfg)
@@ -604,9 +618,11 @@ def print_table(cfgs: Sequence[Config], summaries: Sequence[Mapping[str, Any]]) 
         spent = s.get("budget") or {}
         rows.append((Path(cfg.source).name, cfg.dataset.name, metric,
                      "-" if value is None else f"{value:.4f}",
-                     s.get("best_trial_id") or s.get("error", "-")[:40],
+                     s.get("best_trial_id") or ("unchanged" if s.get("unchanged") else
+                                                s.get("error", "-")[:40]),
                      f"{s.get('num_completed', 0)}/{s.get('num_failed', 0)}",
                      f"{model['name']} v{model['version']}" if model else "-",
+                     (s.get("promotion") or {}).get("decision", "-"),
                      f"{spent['worker_hours']:.3g} ({spent['spent_worker_hours']:.3g})"
                      if spent else "-"))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]

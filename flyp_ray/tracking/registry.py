@@ -70,7 +70,8 @@ from flyp_ray.tracking import image_model, runs
 
 log = logging.getLogger(__name__)
 
-CHAMPION = "champion"  # the alias that follows the newest registered version
+CHAMPION = "champion"  # what servers load; moves only by the promotion rule (promotion.py)
+CHALLENGER = "challenger"  # the newest registered version that was not promoted
 OPEN_CLIP_CONFIG = "open_clip_config.json"  # open_clip's name for it in a local-dir: folder
 EXTRA_FILES = "extra_files"  # where MLflow's flavors put extra_files in a model folder
 MLMODEL = "MLmodel"
@@ -172,10 +173,12 @@ def log_model(cfg: Config, run_id: str, checkpoint_dir: str | Path,
 def log_and_register(cfg: Config, run_id: str, checkpoint_dir: str | Path,
                      metrics: Mapping[str, float],
                      tags: Mapping[str, str] | None = None) -> tuple[str, str] | None:
-    """Log the model, register it as ``tracking.registered_model`` and move ``champion`` to it.
+    """Log the model and register it as ``tracking.registered_model``, alias ``challenger``.
 
     The version is tagged with the data set, the selection metric (the first of
-    ``search.metric``) and its value, and ``tags``. Returns (name, version), or None when
+    ``search.metric``) and its value, and ``tags`` (a search's add the digests of its data and
+    config, :mod:`flyp_ray.tracking.lineage`). Whether it becomes ``champion`` is
+    :func:`flyp_ray.tracking.promotion.promote`'s decision. Returns (name, version), or None when
     nothing was registered (no registered_model configured, or an MLflow failure, which is
     logged).
     """
@@ -184,7 +187,7 @@ def log_and_register(cfg: Config, run_id: str, checkpoint_dir: str | Path,
     if info is None or not name:
         return None
     try:
-        return _register(cfg, info.model_uri, name, metrics, tags)
+        return register(cfg, info.model_uri, metrics, tags)
     except Exception as err:  # noqa: BLE001 - a registry failure must not fail the search
         log.error("could not register %s as %r: %s: %s", info.model_uri, name,
                   type(err).__name__, str(err)[:300])
@@ -310,17 +313,20 @@ def _requirements(pyfunc: bool = False) -> list[str]:
     return pins
 
 
-def _register(cfg: Config, model_uri: str, name: str, metrics: Mapping[str, float],
-              extra: Mapping[str, str] | None = None) -> tuple[str, str]:
+def register(cfg: Config, model_uri: str, metrics: Mapping[str, float],
+             extra: Mapping[str, str] | None = None) -> tuple[str, str]:
+    """Register a logged model as a new version of ``tracking.registered_model`` with the
+    alias ``challenger`` (see :func:`log_and_register`); raises on an MLflow failure."""
+    name = str(cfg.tracking.registered_model)
     metric = cfg.search.metric[0] if isinstance(cfg.search.metric, list) else cfg.search.metric
     tags = {"dataset": cfg.dataset.name, "metric": metric, **(extra or {})}
     if metric in metrics:
         tags["metric_value"] = str(float(metrics[metric]))
     mlflow_client = runs.client(cfg.tracking.uri)
     version = mlflow.register_model(model_uri, name, tags=tags)
-    # The newest registered model is the champion: searches of one data set replace each other.
-    mlflow_client.set_registered_model_alias(name, CHAMPION, str(version.version))
-    log.info("registered %s version %s (alias %s)", name, version.version, CHAMPION)
+    # A challenger until the promotion decision (promotion.py): never champion by registering.
+    mlflow_client.set_registered_model_alias(name, CHALLENGER, str(version.version))
+    log.info("registered %s version %s (alias %s)", name, version.version, CHALLENGER)
     return name, str(version.version)
 
 

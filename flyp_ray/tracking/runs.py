@@ -18,6 +18,8 @@ from typing import Any, TypeVar
 
 import mlflow
 from mlflow.entities import Metric, Param, Run, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
 
 from flyp_ray.config import Config, to_dict, train_params
@@ -119,8 +121,15 @@ def experiment_id(mlflow_client: MlflowClient, name: str) -> str:
     found = mlflow_client.get_experiment_by_name(name)
     if found is not None:
         return str(found.experiment_id)
-    return str(mlflow_client.create_experiment(
-        name, artifact_location=artifact_location(mlflow_client.tracking_uri)))
+    try:
+        return str(mlflow_client.create_experiment(
+            name, artifact_location=artifact_location(mlflow_client.tracking_uri)))
+    except MlflowException as err:
+        # Another search of the same experiment, started at the same moment, created it first.
+        found = mlflow_client.get_experiment_by_name(name)
+        if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS) or found is None:
+            raise
+        return str(found.experiment_id)
 
 
 def artifact_location(uri: str) -> str | None:

@@ -27,7 +27,7 @@ from flyp_ray.data.load import load_data
 from flyp_ray.finetune import checkpoint, evaluate
 from flyp_ray.finetune.model import load_model
 from flyp_ray.finetune.optim import build_state
-from flyp_ray.tracking import registry, runs
+from flyp_ray.tracking import promotion, registry, runs
 from tests.support.configs import tiny_config, write_config
 
 SERVED_NAME = "flyp-served"
@@ -113,7 +113,9 @@ def image_set(tmp: Path) -> ImageSet:
     ckpt = write_prototype_checkpoint(cfg, tmp / "checkpoint",
                                       decoded[:len(synthetic.CLASSNAMES)])
     run_id = runs.start_run(cfg, "served", {runs.KIND_TAG: "train"})
-    assert registry.log_and_register(cfg, run_id, ckpt, {"id_val/acc": 0.5}) is not None
+    registered = registry.log_and_register(cfg, run_id, ckpt, {"id_val/acc": 0.5})
+    assert registered is not None
+    assert promotion.promote(cfg, registered[1]).decision == promotion.FIRST  # -> champion
     uri = f"models:/{SERVED_NAME}@{registry.CHAMPION}"
     probabilities = eval_probabilities(cfg, uri)
     classnames = list(synthetic.CLASSNAMES)

@@ -128,15 +128,16 @@ def test_classifier_matches_the_checkpoint_weights(logged: Logged) -> None:
     assert loaded.classnames == list(synthetic.CLASSNAMES)
 
 
-def test_register_twice_moves_champion(logged: Logged) -> None:
+def test_registering_makes_a_challenger_never_a_champion(logged: Logged) -> None:
+    # Only the promotion decision moves `champion` (tests/tracking/test_promotion.py).
     assert logged.versions == [(NAME, "1"), (NAME, "2")]
     mlflow_client = MlflowClient(logged.cfg.tracking.uri)
-    champion = mlflow_client.get_model_version_by_alias(NAME, registry.CHAMPION)
-    assert str(champion.version) == "2"
-    assert champion.run_id == logged.runs[1]
-    assert champion.tags == {"dataset": "synthetic", "metric": "id_val/acc",
-                             "metric_value": "0.5"}
-    assert registry.CHAMPION not in mlflow_client.get_model_version(NAME, "1").aliases
+    challenger = mlflow_client.get_model_version_by_alias(NAME, registry.CHALLENGER)
+    assert str(challenger.version) == "2"
+    assert challenger.run_id == logged.runs[1]
+    assert challenger.tags == {"dataset": "synthetic", "metric": "id_val/acc",
+                               "metric_value": "0.5"}
+    assert mlflow_client.get_registered_model(NAME).aliases == {registry.CHALLENGER: 2}
 
 
 def test_log_model_failure_returns_none(logged: Logged, caplog: pytest.LogCaptureFixture) -> None:
@@ -154,7 +155,7 @@ def run_eval(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, Any, 
 def test_eval_command_on_registry_run_and_checkpoint(
         logged: Logged, capsys: pytest.CaptureFixture[str]) -> None:
     results = {}
-    for uri in (f"models:/{NAME}@{registry.CHAMPION}", f"runs:/{logged.runs[0]}/model",
+    for uri in (f"models:/{NAME}@{registry.CHALLENGER}", f"runs:/{logged.runs[0]}/model",
                 str(logged.checkpoint)):
         code, out, err = run_eval(capsys, "--model", uri, str(logged.config_path))
         assert code == 0, err

@@ -64,3 +64,24 @@ def test_metrics_survive_an_mlflow_outage(tmp_path: Path,
     finally:
         stop_server(server)
     assert sorted((m.step, m.value) for m in history) == [(1, 0.1), (2, 0.2), (3, 0.3)]
+
+
+def test_an_experiment_created_meanwhile_by_another_search_is_used(tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    class LookedBeforeTheOtherCreatedIt(MlflowClient):
+        """A client whose first look-up ran just before another process created the experiment:
+        the window two searches started together fall into (the store itself is real)."""
+
+        looked = False
+
+        def get_experiment_by_name(self, name: str):  # type: ignore[no-untyped-def]
+            if not self.looked:
+                self.looked = True
+                return None
+            return super().get_experiment_by_name(name)
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    created_by_the_other = MlflowClient(tracking_uri=uri).create_experiment("shared")
+    client = LookedBeforeTheOtherCreatedIt(tracking_uri=uri)
+    assert runs.experiment_id(client, "shared") == created_by_the_other
