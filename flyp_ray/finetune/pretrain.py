@@ -94,7 +94,7 @@ def pretrain_tiny(out: Path | None = None, *, steps: int = DEFAULT_STEPS, seed: 
         raise ValueError(f"steps must be at least 1, got {steps}")
     target = cache_path(steps, seed) if out is None else Path(out)
     if out is None and target.is_file():
-        log.info("pretrained tiny model found in the cache: %s", target)
+        log.debug("pretrained tiny model found in the cache: %s", target)
         return target
     start = time.perf_counter()
     # fork_rng: seeding here must not change the caller's random stream.
@@ -188,8 +188,8 @@ def _threads(count: int) -> Iterator[None]:
     """Train on ``count`` CPU threads, then restore the caller's thread count."""
     before = torch.get_num_threads()
     torch.set_num_threads(count)
-    log.info("pre-training the tiny model on synthetic captions (%d CPU thread%s; cached "
-             "afterwards)", count, "" if count == 1 else "s")
+    log.info("pre-training: %d steps on %d CPU thread%s, about 30 s", DEFAULT_STEPS, count,
+             "" if count == 1 else "s")
     try:
         yield
     finally:
