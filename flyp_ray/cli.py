@@ -4,6 +4,10 @@ Exit codes: 0 done; 2 bad input, with one line on stderr naming the file, key an
 other failure. What a person reads (trial lines, progress, the final table) goes to stderr; the
 result of ``train``, ``tune``, ``tune-all``, ``compare``, ``eval`` and ``demo`` is one JSON
 line, last on stdout when stdout is not a terminal (scripts, Ray jobs, CI) or with ``--json``.
+
+One piece past 400 lines: most of it is the parser, the one place that lists every command with
+its options and what it prints, in the order a user meets them; each command is a short
+function that calls into its wing.
 """
 
 from __future__ import annotations
