@@ -60,10 +60,11 @@ def env() -> dict[str, str]:
 
 
 class PlainFormatter(logging.Formatter):
-    """``12:03:41 message``, with ``warning:``/``error:`` before what is not plain progress."""
+    """``12:03:41 message`` (or ``fmt``), with ``warning:``/``error:`` before what is not plain
+    progress."""
 
-    def __init__(self) -> None:
-        super().__init__(PLAIN_FORMAT, datefmt="%H:%M:%S")
+    def __init__(self, fmt: str = PLAIN_FORMAT) -> None:
+        super().__init__(fmt, datefmt="%H:%M:%S")
 
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
         if record.levelno >= logging.WARNING:
@@ -140,8 +141,8 @@ def ray_process(run_name: str) -> None:
     for old in [h for h in ours.handlers if getattr(h, "flyp_ray", False)]:
         ours.removeHandler(old)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"{run_name}: %(message)s" if run_name
-                                           else "%(message)s"))
+    handler.setFormatter(PlainFormatter(f"{run_name}: %(message)s" if run_name
+                                        else "%(message)s"))
     handler.flyp_ray = True  # type: ignore[attr-defined]
     ours.addHandler(handler)
     ours.propagate = False

@@ -26,6 +26,7 @@ verbosity.ray_process("3239a8b4")
 logging.info("Loaded built-in flyp-tiny model config.")
 logging.getLogger("flyp_ray.finetune.loop").info("epoch 1/4: train 2.0 s")
 logging.getLogger("flyp_ray.finetune.loop").debug("epoch 2/4: train 2.1 s")
+logging.getLogger("flyp_ray.finetune.model").warning("model.pretrained is null")
 """
 
 
@@ -39,9 +40,11 @@ def test_a_worker_prints_its_own_lines_and_the_libraries_only_when_verbose(verbo
     lines = done.stderr.strip().splitlines()
     if verbose:
         assert lines == ["Loaded built-in flyp-tiny model config.",
-                         "3239a8b4: epoch 1/4: train 2.0 s", "3239a8b4: epoch 2/4: train 2.1 s"]
+                         "3239a8b4: epoch 1/4: train 2.0 s", "3239a8b4: epoch 2/4: train 2.1 s",
+                         "3239a8b4: warning: model.pretrained is null"]
     else:
-        assert lines == ["3239a8b4: epoch 1/4: train 2.0 s"]
+        assert lines == ["3239a8b4: epoch 1/4: train 2.0 s",
+                         "3239a8b4: warning: model.pretrained is null"]
 
 
 def test_the_choice_travels_to_ray_processes(monkeypatch: pytest.MonkeyPatch) -> None:
