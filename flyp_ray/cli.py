@@ -1,7 +1,13 @@
 """The ``flyp-ray`` command line: parse, dispatch, and turn errors into exit codes.
 
 Exit codes: 0 done; 2 bad input, with one line on stderr naming the file, key and value; 1 any
-other failure. The last line on stdout of ``train`` and ``tune`` is one JSON object.
+other failure. What a person reads (trial lines, progress, the final table) goes to stderr; the
+result of ``train``, ``tune``, ``tune-all``, ``compare``, ``eval`` and ``demo`` is one JSON
+line, last on stdout when stdout is not a terminal (scripts, Ray jobs, CI) or with ``--json``.
+
+One piece past 400 lines: most of it is the parser, the one place that lists every command with
+its options and what it prints, in the order a user meets them; each command is a short
+function that calls into its wing.
 """
 
 from __future__ import annotations
@@ -10,17 +16,40 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from flyp_ray import config as config_mod
-from flyp_ray.distributed import cluster
+from flyp_ray.distributed import cluster, verbosity
 from flyp_ray.errors import BadInput, FlypRayError, first_line, input_error, worker_failure
 
 log = logging.getLogger("flyp_ray")
 
 Command = Callable[[argparse.Namespace], int]
+# tracking.runs.COMMAND_ENV, the MLflow runs' Source (not imported from there: it brings MLflow)
+COMMAND_ENV = "FLYP_RAY_COMMAND"
+
+
+DESCRIPTION = ("Finetune CLIP-style models (open_clip) with FLYP as Ray Train jobs, searched\n"
+               "per data set with Ray Tune + Optuna, every run tracked in MLflow.")
+START_HERE = """\
+where to start:
+  flyp-ray demo                      the whole product on built-in data, in a few minutes
+  flyp-ray init DATA --out c.yaml    a config for your data folder (or start from an example
+                                     in search_spaces/)
+  flyp-ray validate CONFIG           the config checked as a run would check it; trains nothing
+  flyp-ray train CONFIG              then one run, or
+  flyp-ray tune CONFIG               the search, its best model registered in MLflow
+  flyp-ray COMMAND --help            what a command takes and prints
+
+A command prints a line when a trial starts and ends, progress, and a final table on stderr;
+its result is one JSON line, last on stdout when stdout is not a terminal (or with --json).
+--verbose (or FLYP_RAY_VERBOSE=1) adds Ray's, Tune's and the libraries' own logs.
+Exit codes: 0 done, 2 bad input (one line naming the file, key and value), 1 anything else."""
+RESULT = ("When stdout is not a terminal (or with --json), the result is one JSON line, last "
+          "on stdout.")
 
 
 def _add_config(parser: argparse.ArgumentParser) -> None:
@@ -31,20 +60,54 @@ def _add_config(parser: argparse.ArgumentParser) -> None:
                              "(dataset.root=/data); the value is YAML")
 
 
+def _add_output(parser: argparse.ArgumentParser, result: bool = True) -> None:
+    """``--verbose`` (also after the command) and, for commands with a JSON result, ``--json``."""
+    # SUPPRESS: without the flag here, the value given before the command stays.
+    parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="also Ray's, Tune's and the libraries' own logs")
+    if result:
+        parser.add_argument("--json", action="store_true",
+                            help="print the JSON result last on stdout on a terminal too")
+
+
 def _add_promote(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--promote", choices=("if-better", "always", "never"),
                         help="whether the registered model becomes `champion`: if it beats the "
                              "champion (default, tracking.promotion), always, or never")
 
 
-def parser() -> argparse.ArgumentParser:
-    """The argument parser of every command."""
-    top = argparse.ArgumentParser(prog="flyp-ray", description=__doc__.splitlines()[0])
-    top.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = top.add_subparsers(dest="command", required=True)
+def _command(sub: Any, name: str, summary: str, prints: str,
+             result: bool = True) -> argparse.ArgumentParser:
+    """A subcommand: one line in the overview, what it does and prints in its own help."""
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name, help=summary, description=f"{summary[0].upper()}{summary[1:]}. {prints}"
+        + (f" {RESULT}" if result else ""))
+    _add_output(parser, result)
+    return parser
 
-    init = sub.add_parser("init", help="write a complete config for a data set folder "
-                                       "(ImageFolder, save_to_disk dataset, WILDS, csv)")
+
+def parser() -> argparse.ArgumentParser:
+    """The argument parser of every command, in the order a user meets them."""
+    top = argparse.ArgumentParser(prog="flyp-ray", description=DESCRIPTION, epilog=START_HERE,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    top.add_argument("-v", "--verbose", action="store_true",
+                     help="also Ray's, Tune's and the libraries' own logs (FLYP_RAY_VERBOSE=1)")
+    sub = top.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
+
+    demo = _command(sub, "demo", "the whole product on built-in data, in a few minutes",
+                    "Pre-trains the tiny model on synthetic captions (cached), measures its "
+                    "zero-shot accuracy, runs a FLYP search of 6 trials with re-checks and "
+                    "registers the champion. Prints a line per trial, progress, and the table "
+                    "of zero-shot, best trial and champion, with the `mlflow ui` command.")
+    demo.add_argument("--dir", default="flyp-ray-demo",
+                      help="where the demo's MLflow database and Ray results go")
+    demo.set_defaults(run=cmd_demo)
+
+    init = _command(sub, "init", "write a complete config for your data folder",
+                    "Prints what it found and what it could not decide on stderr, and the YAML "
+                    "on stdout without --out. Reads an ImageFolder tree, a save_to_disk dataset "
+                    "(or a hub name in the local cache), a WILDS or csv root as a run would.",
+                    result=False)
     init.add_argument("data", metavar="DATA",
                       help="the data set's folder, or a Hugging Face hub name in the local cache")
     init.add_argument("--out", metavar="FILE", help="write the config here (default: stdout)")
@@ -52,24 +115,34 @@ def parser() -> argparse.ArgumentParser:
                       metavar="KEY=VALUE", help="override what init decides (model.arch=...)")
     init.set_defaults(run=cmd_init)
 
-    validate = sub.add_parser("validate", help="check a config, its data and model; train nothing")
+    validate = _command(sub, "validate", "check a config, its data and model; train nothing",
+                        "Prints what it found on stdout and warnings on stderr; exits 2 with "
+                        "one line naming the file, key and value where a run would refuse.",
+                        result=False)
     _add_config(validate)
     validate.set_defaults(run=cmd_validate)
 
-    train = sub.add_parser("train", help="one finetuning run with fixed hyperparameters")
+    train = _command(sub, "train", "one finetuning run with the config's values",
+                     "Prints the workers' progress and the selected epoch's metrics on every "
+                     "split; the result is {metrics, best_epoch, checkpoint, mlflow_run_id}.")
     _add_config(train)
     train.add_argument("--name", help="the Ray run name; an existing one resumes")
     train.add_argument("--resume-from", help="a checkpoint folder to start from")
     train.set_defaults(run=cmd_train)
 
-    tune = sub.add_parser("tune", help="search the config's space (Ray Tune + Optuna)")
+    tune = _command(sub, "tune", "search the config's space; register the best model",
+                    "Prints a line when each trial starts and ends, progress, the re-check and "
+                    "registry lines, and the table of the best trial (and champion); the "
+                    "result is summary.json, also written to the search's folder.")
     _add_config(tune)
     tune.add_argument("--resume", action="store_true",
                       help="continue the newest search of this config; finished trials stay")
     _add_promote(tune)
     tune.set_defaults(run=cmd_tune)
 
-    tune_all = sub.add_parser("tune-all", help="one search per config file, in order")
+    tune_all = _command(sub, "tune-all", "one search per config file, one budget for all",
+                        "Prints each search's lines and a table of every data set's best; the "
+                        "result is {searches: [summary, ...]}.")
     tune_all.add_argument("configs", nargs="+", metavar="CONFIG",
                           help="the data sets' YAML configs")
     tune_all.add_argument("--set", dest="overrides", action="append", default=[],
@@ -83,8 +156,10 @@ def parser() -> argparse.ArgumentParser:
     _add_promote(tune_all)
     tune_all.set_defaults(run=cmd_tune_all)
 
-    compare = sub.add_parser("compare", help="run several methods on the config's data set and "
-                                             "write the comparison table and plot")
+    compare = _command(sub, "compare", "every method (zeroshot, lp, ce, lpft, flyp) side by side",
+                       "Prints the table of ID and OOD accuracy with WiSE-FT, also written "
+                       "with a CSV and an ID-vs-OOD plot to its folder; the result is "
+                       "{folder, table, plot, runs, mlflow_run_id}.")
     _add_config(compare)
     compare.add_argument("--methods", default="zeroshot,lp,ce,lpft,flyp",
                          help="comma-separated: zeroshot, lp, ce, lpft, flyp (default: all)")
@@ -94,16 +169,21 @@ def parser() -> argparse.ArgumentParser:
     _add_promote(compare)
     compare.set_defaults(run=cmd_compare)
 
-    evaluate = sub.add_parser("eval", help="evaluate a logged, registered or saved model on "
-                                           "every split of the config's data set")
+    evaluate = _command(sub, "eval", "a logged, registered or saved model on every split",
+                        "Prints accuracy, macro F1 and worst-group accuracy per split; the "
+                        "result is {model, metrics}.")
     evaluate.add_argument("--model", required=True, metavar="URI",
                           help="models:/name/version, models:/name@alias, runs:/id/model, "
                                "or a checkpoint folder or file")
     _add_config(evaluate)
     evaluate.set_defaults(run=cmd_eval)
 
-    status = sub.add_parser("status", help="each data set's champion, its data and the last "
-                                           "search, read from MLflow")
+    status = _command(sub, "status", "each data set's champion, its data and the last search",
+                      "Prints per data set, read from MLflow alone (a remote server works): the "
+                      "registered model, champion version, its ID and OOD accuracy, the data "
+                      "digest it was trained on and whether the data changed since, the last "
+                      "search and decision; a table, or one JSON object with --json.",
+                      result=False)
     status.add_argument("configs", nargs="*", metavar="CONFIG",
                         help="the data sets' YAML configs (default: every flyp-ray model in "
                              "$MLFLOW_TRACKING_URI)")
@@ -112,18 +192,9 @@ def parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     status.set_defaults(run=cmd_status)
 
-    submit = sub.add_parser("submit", help="run a flyp-ray command on a Ray cluster as a Ray job")
-    submit.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS"),
-                        help="the cluster's dashboard URL, e.g. http://127.0.0.1:8265 "
-                             "(default: $RAY_API_SERVER_ADDRESS)")
-    submit.add_argument("--wait", action="store_true",
-                        help="stream the job's logs and exit with its outcome")
-    submit.add_argument("--working-dir", help="the folder uploaded with the job (default: .)")
-    submit.add_argument("job_command", nargs=argparse.REMAINDER, metavar="-- COMMAND ...",
-                        help="the flyp-ray command to run there, e.g. -- tune CONFIG")
-    submit.set_defaults(run=cmd_submit)
-    serve = sub.add_parser("serve", help="serve a logged model behind Ray Serve: images in, "
-                                         "class names out, as `mlflow models serve` answers")
+    serve = _command(sub, "serve", "a logged model behind Ray Serve: images in, class names out",
+                     "Prints one JSON line (model, url, replicas) once its replicas answer, "
+                     "then runs until Ctrl-C or SIGTERM.", result=False)
     serve.add_argument("model", metavar="MODEL_URI",
                        help="models:/name@alias, models:/name/version, runs:/id/model or a "
                             "model folder; an alias is pinned to its version at start")
@@ -142,11 +213,19 @@ def parser() -> argparse.ArgumentParser:
                        help="Ray CPUs each replica reserves (default: 1)")
     serve.set_defaults(run=cmd_serve)
 
-    demo = sub.add_parser("demo", help="the built-in default: synthetic data, tiny model, "
-                                       "local Ray, local MLflow")
-    demo.add_argument("--dir", default="flyp-ray-demo",
-                      help="where the demo's MLflow database and Ray results go")
-    demo.set_defaults(run=cmd_demo)
+    submit = _command(sub, "submit", "any of these commands as a job on a Ray cluster",
+                      "Prints the job id as one JSON line; with --wait, the job's output and "
+                      "then its status, and exits with the command's exit code. --verbose "
+                      "here makes the job verbose too.", result=False)
+    submit.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS"),
+                        help="the cluster's dashboard URL, e.g. http://127.0.0.1:8265 "
+                             "(default: $RAY_API_SERVER_ADDRESS)")
+    submit.add_argument("--wait", action="store_true",
+                        help="stream the job's logs and exit with its outcome")
+    submit.add_argument("--working-dir", help="the folder uploaded with the job (default: .)")
+    submit.add_argument("job_command", nargs=argparse.REMAINDER, metavar="-- COMMAND ...",
+                        help="the flyp-ray command to run there, e.g. -- tune CONFIG")
+    submit.set_defaults(run=cmd_submit)
     return top
 
 
@@ -182,7 +261,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         return 0
     Path(args.out).write_text(text)
     print(f"flyp-ray init: wrote {args.out}; next: flyp-ray validate {args.out}", file=sys.stderr)
-    print_json({"config": args.out, "dataset": draft.raw["dataset"]["name"]})
+    print_result(args, {"config": args.out, "dataset": draft.raw["dataset"]["name"]})
     return 0
 
 
@@ -218,7 +297,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     preflight.report(preflight.check(cfg, search=False))
     cluster.init_ray(cfg)
     outcome = trainer.train(cfg, name=args.name, resume_from=resume_from)
-    print_json(outcome.as_json())
+    from flyp_ray.search import report
+
+    print_result(args, outcome.as_json(), report.train_text(cfg, outcome))
     return 0
 
 
@@ -244,12 +325,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     cluster.check_address()
     from flyp_ray import preflight
-    from flyp_ray.search import tune
+    from flyp_ray.search import report, tune
 
     preflight.report(preflight.check(cfg, resume=args.resume))
     cluster.init_ray(cfg)
     summary = tune.run_search(cfg, resume=args.resume)
-    print_json(summary)
+    print_result(args, summary, report.search_text(cfg, summary))
     return 0 if summary["best_trial_id"] is not None else 1
 
 
@@ -274,8 +355,9 @@ def cmd_tune_all(args: argparse.Namespace) -> int:
         for cfg in searched:
             cluster.check_connected(cfg)
     summaries = changed.merge(selected, tune.run_all(searched))
+    cluster.shutdown_if_started()  # Ray's late output must not land inside the table
     tune.print_table(cfgs, summaries)
-    print_json({"searches": summaries})
+    print_result(args, {"searches": summaries})
     return 0 if all(s.get("best_trial_id") or s.get("unchanged") for s in summaries) else 1
 
 
@@ -284,13 +366,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     cluster.check_address()
     from flyp_ray import preflight
-    from flyp_ray.search import compare
+    from flyp_ray.search import compare, report
 
     methods = compare.parse_methods(args.methods)
     preflight.report(preflight.check_methods(cfg, methods, search=args.tune))
     cluster.init_ray(cfg)
     summary = compare.run_compare(cfg, methods, tune=args.tune)
-    print_json(summary)
+    print_result(args, summary, report.compare_text(summary))
     return 0 if not any(row["error"] for row in summary["table"]) else 1
 
 
@@ -315,7 +397,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     preflight.check_eval(cfg)
     metrics = registry.evaluate_model(cfg, args.model)
-    print_json({"model": args.model, "metrics": metrics})
+    from flyp_ray.search import report
+
+    print_result(args, {"model": args.model, "metrics": metrics},
+                 report.eval_text(args.model, metrics))
     return 0
 
 
@@ -332,17 +417,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Pre-train the tiny model (cached), then a small FLYP search; summary JSON last."""
+    """Pre-train the tiny model (cached), then a small FLYP search; the table, the JSON last."""
     from pathlib import Path
 
     from flyp_ray import demo
 
     cluster.init_ray()
     summary, report = demo.run_demo(Path(args.dir))
-    cluster.shutdown_if_started()  # Ray's late log lines would land after the report
-    print(report, file=sys.stderr)
-    print_json(summary)
+    print_result(args, summary, report)
     return 0 if summary.get("best_trial_id") is not None else 1
+
+
+def print_result(args: argparse.Namespace, payload: dict[str, Any],
+                 text: str | None = None) -> None:
+    """A command's result: ``text`` for a person on stderr, then the JSON line, last on stdout
+    where a program reads it (stdout is not a terminal) or ``--json`` asks for it."""
+    cluster.shutdown_if_started()  # Ray's late log lines would land after the result
+    if text:
+        print(text, file=sys.stderr, flush=True)
+    if getattr(args, "json", False) or not sys.stdout.isatty():
+        print_json(payload)
 
 
 def print_json(payload: dict[str, Any]) -> None:
@@ -364,13 +458,26 @@ def _quiet_ray() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``flyp-ray`` and ``python -m flyp_ray``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
-    # Libraries (open_clip logs every model build on the root logger) speak at WARNING; our own
-    # progress at INFO. All of it goes to stderr: stdout ends with the JSON result.
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
-    logging.getLogger("flyp_ray").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    # Our own lines at INFO, the libraries' off at their source unless --verbose; all of it on
+    # stderr: stdout ends with the JSON result.
+    verbosity.configure(args.verbose)
+    # The Source of the MLflow runs this command makes: what the user typed (for as long as
+    # the command runs: a caller that runs several in one process gets each its own).
+    before = os.environ.get(COMMAND_ENV)
+    os.environ[COMMAND_ENV] = shlex.join(["flyp-ray", *argv])
+    try:
+        return run_command(args)
+    finally:
+        if before is None:
+            os.environ.pop(COMMAND_ENV, None)
+        else:
+            os.environ[COMMAND_ENV] = before
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run the parsed command; its exit code, errors turned into one line on stderr."""
     run: Command = args.run
     try:
         return run(args)

@@ -23,7 +23,7 @@ from flyp_ray.data.load import load_data
 from flyp_ray.finetune import pretrain
 from flyp_ray.finetune.evaluate import evaluate_splits, zero_shot_head
 from flyp_ray.finetune.model import load_model, tiny_config_path
-from flyp_ray.search import tune
+from flyp_ray.search import report, tune
 from flyp_ray.tracking import inputs, runs
 
 log = logging.getLogger(__name__)
@@ -80,53 +80,26 @@ def log_zero_shot(cfg: config.Config, metrics: dict[str, float]) -> str:
     return run_id
 
 
-def report(cfg: config.Config, folder: Path, zero_shot: dict[str, float],
-           summary: dict[str, Any]) -> str:
-    """The human-readable result: best trial against the zero-shot start, and where to look."""
-    best = summary.get("best_metrics") or {}
-    champion = next((r for r in summary.get("recheck") or []
-                     if r["trial_id"] == summary.get("champion_trial_id")), None)
-    mean = champion["mean"] if champion else {}
-    rows = [f"{'':12} {'zero-shot':>10} {'FLYP best':>10} {'champion':>18}"]
-    for split in ("id_val", "id_test", "ood_val", "ood_test"):
-        key = f"{split}/acc"
-        if key in zero_shot:
-            spread = (f"{mean[key]:.3f} +- {champion['std'][key]:.3f}" if champion and key in mean
-                      else "-")
-            rows.append(f"{key:12} {zero_shot[key]:10.3f} {best.get(key, float('nan')):10.3f} "
-                        f"{spread:>18}")
-    searched = {k: v for k, v in (summary.get("best_config") or {}).items()
-                if k in cfg.search.space}
-    chosen = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                       for k, v in searched.items())
-    model = summary.get("registered_model") or {}
-    decided = (summary.get("promotion") or {}).get("decision")
-    return "\n".join([
-        "", "flyp-ray demo: done", *rows, "",
-        f"best trial   {summary.get('best_trial_id')}  {chosen}",
-        f"champion     {summary.get('champion_trial_id')}  (the best mean over "
-        f"{len(champion['seeds']) if champion else 0} new seeds of the 2 best trials)",
-        f"model        models:/{model.get('name')}/{model.get('version')} (promotion: {decided})"
-        if model else
-        "model        (not registered)",
-        f"results      {folder / 'results'}",
-        f"look at it   mlflow ui --backend-store-uri sqlite:///{folder / 'mlflow.db'}", "",
-    ])
+def report_text(cfg: config.Config, zero_shot: dict[str, float], summary: dict[str, Any]) -> str:
+    """The human-readable result: the zero-shot start, the best trial and the champion, with
+    the best trial's hyperparameters, the model, where the results are and how to look."""
+    return report.search_text(cfg, summary, first={"zero-shot": report.numbers(zero_shot)},
+                              best_label="FLYP best", title="flyp-ray demo: done")
 
 
 def run_demo(folder: Path) -> tuple[dict[str, Any], str]:
     """Pre-train (cached), measure zero-shot, search; the search summary and the report."""
     folder = folder.expanduser().resolve()
     folder.mkdir(parents=True, exist_ok=True)
-    log.info("step 1/3: tiny CLIP pre-training on synthetic captions (cached)")
+    log.info("step 1/3: tiny CLIP pre-training on synthetic captions (once; cached in %s)",
+             pretrain.cache_dir())
     cfg = demo_config(folder, pretrain.pretrain_tiny())
-    log.info("step 2/3: zero-shot evaluation of the pretrained model")
     zero_shot = zero_shot_metrics(cfg)
     log_zero_shot(cfg, zero_shot)
-    log.info("zero-shot id_val/acc %.3f, ood_val/acc %.3f", zero_shot["id_val/acc"],
-             zero_shot["ood_val/acc"])
+    log.info("step 2/3: zero-shot evaluation of the pretrained model: id_val/acc %.3f, "
+             "ood_val/acc %.3f", zero_shot["id_val/acc"], zero_shot["ood_val/acc"])
     log.info("step 3/3: FLYP search, %d trials, %d at a time", cfg.search.num_samples,
              cfg.search.max_concurrent_trials)
     summary = tune.run_search(cfg)
     summary["zero_shot_metrics"] = zero_shot
-    return summary, report(cfg, folder, zero_shot, summary)
+    return summary, report_text(cfg, zero_shot, summary)

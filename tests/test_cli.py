@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -205,3 +206,81 @@ def test_unreachable_ray_address_is_refused_at_once(tmp_path: Path, command: str
     assert json.loads(done.stdout) == [2, False]
     assert not (tmp_path / "results").exists()
 
+
+
+# --- what a command prints: the JSON result last off a terminal, a table for a person -------
+
+
+def run_on(stdout_terminal: bool, args: list[str], cwd: Path) -> tuple[int, str, str]:
+    """Run ``flyp-ray args`` with stdout a pipe, or a terminal (a pseudo-terminal); stderr is
+    a pipe either way. The exit code, stdout and stderr."""
+    import pty
+
+    command = [sys.executable, "-m", "flyp_ray", *args]
+    if not stdout_terminal:
+        done = subprocess.run(command, cwd=cwd, text=True, capture_output=True, timeout=300)
+        return done.returncode, done.stdout, done.stderr
+    leader, follower = pty.openpty()
+    with subprocess.Popen(command, cwd=cwd, stdout=follower, stderr=subprocess.PIPE,
+                          text=True) as proc:
+        os.close(follower)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # the terminal closed: the command is done
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        err = proc.stderr.read() if proc.stderr else ""
+        code = proc.wait(timeout=300)
+    os.close(leader)
+    # A terminal also gets a colour reset when the command exits (colorama's); nothing else.
+    out = re.sub(r"\x1b\[[0-9;]*m", "", b"".join(chunks).decode())
+    return code, out.replace("\r\n", "\n"), err
+
+
+def test_the_json_result_is_last_off_a_terminal_and_asked_for_on_one(tmp_path: Path) -> None:
+    from tests.support.models import write_checkpoint
+
+    raw = tiny_config(tmp_path)
+    path = write_config(tmp_path / "c.yaml", raw)
+    folder = write_checkpoint(config_of(raw), tmp_path / "ckpt")
+    args = ["eval", "--model", str(folder), str(path)]
+
+    code, out, err = run_on(False, args, tmp_path)  # a script, a Ray job, CI
+    assert code == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    assert set(result) == {"model", "metrics"} and result["metrics"]["id_val/acc"] >= 0
+    assert "flyp-ray eval:" in err  # the table for a person, on stderr
+
+    code, out, err = run_on(True, args, tmp_path)  # a person at a terminal
+    assert code == 0, err
+    assert out.strip() == "" and "flyp-ray eval:" in err
+    acc = err.split("id_val", 1)[1].split()[0]
+    assert float(acc) == pytest.approx(result["metrics"]["id_val/acc"], abs=5e-4)
+
+    code, out, err = run_on(True, [*args, "--json"], tmp_path)
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1]) == result
+
+
+def config_of(raw: dict[str, Any]) -> Any:
+    from flyp_ray import config
+
+    return config.from_dict(raw, "c.yaml")
+
+
+def test_help_lists_the_commands_in_the_order_a_user_meets_them() -> None:
+    from flyp_ray import cli
+
+    text = cli.parser().format_help()
+    order = ["demo", "init", "validate", "train", "tune", "tune-all", "compare", "eval", "status",
+             "serve", "submit"]
+    listed = [line.split()[0] for line in text.split("commands:", 1)[1].split("\n\n")[0]
+              .splitlines()[2:]]
+    assert listed == order
+    assert "where to start:" in text and "flyp-ray demo" in text
+    for name in order:  # each says what it prints
+        assert "Prints" in cli.parser()._subparsers._group_actions[0].choices[name].description

@@ -10,7 +10,7 @@ import os
 import socket
 
 from flyp_ray.config import Config
-from flyp_ray.distributed import capacity
+from flyp_ray.distributed import capacity, verbosity
 from flyp_ray.errors import BadInput
 
 RAY_ENV = {
@@ -38,6 +38,7 @@ def init_ray(cfg: Config | None = None, address: str | None = None) -> None:
     import ray
 
     if not ray.is_initialized():
+        verbosity.quiet_libraries()  # before ray.init, whose notices it silences
         address = address or os.environ.get("RAY_ADDRESS")
         check_reachable(address)
         try:
@@ -98,11 +99,13 @@ def shutdown_if_started() -> None:
 
 def runtime_env(env_vars: dict[str, str] | None = None, *,
                 local: bool = False) -> dict[str, object]:
-    """The runtime environment of a command's Ray job: its variables and :func:`own_cluster`.
+    """The runtime environment of a command's Ray job: its variables (Ray's, and what the
+    command prints: :func:`verbosity.env`) and :func:`own_cluster`.
 
     ``local``: for a cluster started on this machine by this process (:data:`LOCAL_RAY_ENV`).
     """
-    return {"env_vars": {**RAY_ENV, **(LOCAL_RAY_ENV if local else {}), **(env_vars or {})},
+    return {"env_vars": {**RAY_ENV, **(LOCAL_RAY_ENV if local else {}), **verbosity.env(),
+                         **(env_vars or {})},
             "worker_process_setup_hook": f"{__name__}.{own_cluster.__name__}"}
 
 

@@ -23,6 +23,7 @@ import aiohttp
 from ray.exceptions import AuthenticationError
 from ray.job_submission import JobStatus, JobSubmissionClient
 
+from flyp_ray.distributed import verbosity
 from flyp_ray.errors import BadInput
 
 log = logging.getLogger(__name__)
@@ -169,13 +170,18 @@ def _storage_values(command: Sequence[str]) -> Iterator[str]:
 
 
 def runtime_env(command: Sequence[str], working_dir: Path) -> dict[str, Any]:
-    """The job's runtime_env: the working directory to upload and what to leave out of it.
+    """The job's runtime_env: the working directory to upload and what to leave out of it,
+    and ``FLYP_RAY_VERBOSE=1`` when this command runs verbose (the job then does too).
 
     ``command`` is as typed here, before :func:`job_arguments` rewrites its paths.
     """
     if not working_dir.is_dir():
         raise BadInput(f"--working-dir: not a folder: {working_dir}")
-    return {"working_dir": str(working_dir.resolve()), "excludes": excludes(command)}
+    env: dict[str, Any] = {"working_dir": str(working_dir.resolve()),
+                           "excludes": excludes(command)}
+    if verbosity.enabled():
+        env["env_vars"] = {verbosity.ENV: "1"}
+    return env
 
 
 def submit(client: JobSubmissionClient, command: Sequence[str], working_dir: Path) -> str:

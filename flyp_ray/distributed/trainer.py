@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import ray.train
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from flyp_ray.config import Config, best_first, objectives
+from flyp_ray.distributed import verbosity
 from flyp_ray.distributed.contract import MLFLOW_RUN, RESUME_FROM, clock
 from flyp_ray.errors import FlypRayError
 from flyp_ray.finetune import wiseft
@@ -79,6 +80,11 @@ def build_trainer(cfg: Config, name: str, *, mlflow_run_id: str | None = None,
         checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=metric,
                                            checkpoint_score_order=mode),
         callbacks=callbacks,
+        # Ray Train's own console lines (every report's whole metrics dict, the worker group's
+        # start) at WARNING unless verbose; its log files in the session folder keep them all.
+        # mypy reads Ray Train V1's RunConfig, which has no logging_config; V2's has.
+        logging_config=LoggingConfig(  # type: ignore[call-arg]
+            log_level=verbosity.train_log_level()),
     )
     loop_config = {"config": cfg, MLFLOW_RUN: mlflow_run_id, RESUME_FROM: resume_from}
     return TorchTrainer(train_loop_per_worker, train_loop_config=loop_config,
@@ -93,6 +99,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     in a Train worker, so that a search's trial processes (one per trial) never pay for it.
     """
     called = clock()
+    verbosity.ray_process(ray.train.get_context().get_experiment_name())
     from flyp_ray.distributed import worker
 
     worker.train_loop_per_worker(loop_config, called=called, imported=clock())

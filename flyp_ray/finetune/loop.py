@@ -149,8 +149,8 @@ def _train_epoch(run: Run, epoch: int, report_progress: Progress | None
         pending.zero_()
         figures = meter.reading()
         if run.rank == 0 and step != steps:
-            log.info("epoch %d step %d/%d: %s, loss %.4g", epoch, step, steps,
-                     progress.line(figures), window / (step - first + 1))
+            log.log(run.pace.level(), "epoch %d step %d/%d: %s, loss %.4g", epoch, step, steps,
+                    progress.line(figures), window / (step - first + 1))
         total, count, first = total + window, step, step + 1
         if report_progress is not None:
             report_progress(run.state.scheduler.last_epoch,
@@ -232,9 +232,10 @@ def run_epochs(run: Run, start_epoch: int, report: Report,
         metrics.update(final_metrics(run, epoch) if final else interim_metrics(run, epoch))
         if run.rank == 0:
             # The epoch's summary: where its time went, and whether the GPU waited for data.
-            log.info("epoch %d/%d: train %.1f s (%s), eval %.1f s, train/loss %.4g", epoch,
-                     run.train.epochs, figures["seconds"], progress.line(figures),
-                     time.perf_counter() - evaluating, trained["train/loss"])
+            log.log(run.pace.level(), "epoch %d/%d: train %.1f s (%s), eval %.1f s, "
+                    "train/loss %.4g", epoch, run.train.epochs, figures["seconds"],
+                    progress.line(figures), time.perf_counter() - evaluating,
+                    trained["train/loss"])
         report(epoch, metrics)
 
 

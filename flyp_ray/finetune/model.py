@@ -126,8 +126,13 @@ def _check_pretrained(name: str, pretrained: str | None, source: str) -> str:
                      f"(tags: {', '.join(tags) or 'none'})")
 
 
-def load_model(cfg: ModelConfig, source: str = "<config>") -> LoadedModel:
-    """Build the open_clip model, transforms and tokenizer of ``cfg`` (weights on the CPU)."""
+def load_model(cfg: ModelConfig, source: str = "<config>", *,
+               warn_random: bool = True) -> LoadedModel:
+    """Build the open_clip model, transforms and tokenizer of ``cfg`` (weights on the CPU).
+
+    ``warn_random`` False: random weights are meant (a pre-training from scratch, a skeleton
+    that a checkpoint fills), so a null ``pretrained`` is not worth a warning.
+    """
     name = resolve_arch(cfg.arch, f"{source}: model.arch")
     pretrained = cfg.pretrained
     # What validate checked, with the same line: a worker that still finds the weights neither
@@ -135,7 +140,7 @@ def load_model(cfg: ModelConfig, source: str = "<config>") -> LoadedModel:
     _check_pretrained(name, pretrained, source)
     if pretrained is not None and pretrained.startswith(HF_HUB) and not name.startswith(HF_HUB):
         name, pretrained = pretrained, None  # open_clip reads hub weights from the model name
-    if pretrained is None and not name.startswith(HF_HUB):
+    if pretrained is None and not name.startswith(HF_HUB) and warn_random:
         log.warning("model.pretrained is null: %s starts from random weights", name)
     elif pretrained is not None and Path(pretrained).expanduser().is_file():
         pretrained = str(Path(pretrained).expanduser())

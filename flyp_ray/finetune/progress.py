@@ -7,13 +7,20 @@ synchronises with the device anyway, every ``train.log_every_steps`` steps and a
 epoch, so the figures are device time and measuring adds no sync of its own. With the
 decode-once cache (``dataset.cache``) it also counts the training images decoded meanwhile: the
 first epoch fills the cache, later ones (and later trials on the node) should decode none.
+
+A terminal gets fewer of these lines than MLflow gets readings (:class:`Pace`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Callable
+
+# A worker's progress lines at INFO: the first, then at most one a minute. Several trials at a
+# time, each with epochs of seconds (the demo), would otherwise scroll a line every second.
+TERMINAL_EVERY_S = 60.0
 
 
 @dataclasses.dataclass
@@ -77,3 +84,22 @@ def line(figures: dict[str, float]) -> str:
     text = (f"{figures['samples_per_s']:.0f} samples/s, {figures['step_ms']:.1f} ms/step, "
             f"data wait {100 * figures['data_wait']:.0f}%")
     return text + (f", decoded {figures['decoded']:.0f}" if "decoded" in figures else "")
+
+
+class Pace:
+    """The level of each progress line: INFO for the first and then one a minute, DEBUG between.
+
+    A command shows INFO; ``--verbose`` shows DEBUG too. MLflow gets every reading either way.
+    """
+
+    def __init__(self, every_s: float = TERMINAL_EVERY_S) -> None:
+        self.every_s = every_s
+        self.last: float | None = None  # time.monotonic() of the last INFO line
+
+    def level(self) -> int:
+        """INFO if a minute has passed since the last INFO line (or there was none), else DEBUG."""
+        now = time.monotonic()
+        if self.last is not None and now - self.last < self.every_s:
+            return logging.DEBUG
+        self.last = now
+        return logging.INFO

@@ -22,7 +22,7 @@ from flyp_ray.config import CLASSIFIER_METHODS, Config, TrainConfig, resolve_rec
 from flyp_ray.data import fewshot
 from flyp_ray.data.base import Data
 from flyp_ray.data.load import load_data
-from flyp_ray.finetune import wiseft
+from flyp_ray.finetune import progress, wiseft
 from flyp_ray.finetune.checkpoint import TrainingState
 from flyp_ray.finetune.classifier import ImageClassifier
 from flyp_ray.finetune.evaluate import autocast, unwrap, zero_shot_head
@@ -99,6 +99,7 @@ class Run:
     zero_shot: wiseft.State | None = None  # the starting weights, kept for WiSE-FT
     best: wiseft.Best = dataclasses.field(default_factory=wiseft.Best)  # WiSE-FT's other end
     timings: dict[str, float] = dataclasses.field(default_factory=dict)  # seconds spent building
+    pace: progress.Pace = dataclasses.field(default_factory=progress.Pace)  # terminal lines
 
 
 def apply_speed_options(model: torch.nn.Module, train: TrainConfig) -> None:

@@ -27,7 +27,7 @@ import ray
 import ray.exceptions
 
 from flyp_ray.config import Config, with_train
-from flyp_ray.distributed import trainer
+from flyp_ray.distributed import trainer, verbosity
 from flyp_ray.errors import BadInput, first_line
 from flyp_ray.finetune.wiseft import name as alpha_name
 from flyp_ray.search import plots
@@ -78,6 +78,7 @@ def run_method(cfg: Config, method: str, tune: bool, parent_run_id: str, label: 
     same time and would otherwise race for the config's next free search name.
     """
     mcfg = method_config(cfg, method)
+    verbosity.ray_process(method)  # a Ray task of its own: its lines, named after the method
     try:
         if tune and method in SEARCHED:
             summary = search_mod.run_search(mcfg, parent_run_id=parent_run_id,

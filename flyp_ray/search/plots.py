@@ -54,7 +54,7 @@ def log_search_plots(cfg: Config, parent_run_id: str, records: Sequence[Record])
             written = draw_all(cfg, study, records, Path(tmp))
             if written:
                 runs.log_artifacts(cfg.tracking.uri, parent_run_id, tmp, ARTIFACT_PATH)
-        log.info("search plots: %s", ", ".join(written) or "none (no completed trial)")
+        log.debug("search plots: %s", ", ".join(written) or "none (no completed trial)")
     except Exception as err:  # noqa: BLE001 - plots must never fail a finished search
         log.warning("search plots skipped: %s: %s", type(err).__name__, str(err)[:300])
 

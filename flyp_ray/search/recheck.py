@@ -118,7 +118,17 @@ def run_all(cfg: Config, planned: Sequence[Seeded], parent_run_id: str,
         for ref in ready:
             index = results.pop(ref)
             done[index] = _result(ref)
+            log.info("%s", ended(cfg, planned[index], done[index]))
     return [done[i] for i in range(len(planned))]
+
+
+def ended(cfg: Config, seeded: Seeded, result: Mapping[str, Any]) -> str:
+    """The line a finished re-check run prints: its selected epoch's objectives, or why not."""
+    if "metrics" not in result:
+        return f"re-check {seeded.name} failed: {result.get('error', 'no result')}"
+    metrics = result["metrics"]
+    values = ", ".join(f"{m} {metrics[m]:.3f}" for m in objectives(cfg.search)[0] if m in metrics)
+    return f"re-check {seeded.name} done: {values} (epoch {int(metrics.get('epoch', 0))})"
 
 
 def finished_before(cfg: Config, planned: Sequence[Seeded], parent_run_id: str,

@@ -39,12 +39,13 @@ from ray.tune.search import Searcher
 from ray.util.placement_group import PlacementGroup, remove_placement_group
 
 from flyp_ray.config import Config, best_first, objectives, planned_epochs, with_train
-from flyp_ray.distributed import trainer
+from flyp_ray.distributed import trainer, verbosity
 from flyp_ray.distributed.contract import PLACEMENT_GROUP
 from flyp_ray.errors import BadInput, ConfigError, FlypRayError, first_line, input_error
 from flyp_ray.finetune import wiseft
 from flyp_ray.search import budget, plots, recheck, space
 from flyp_ray.search.trial import run_trial
+from flyp_ray.search.trial_lines import TrialLines
 from flyp_ray.tracking import inputs, lineage, promotion, registry, runs
 
 if TYPE_CHECKING:
@@ -152,7 +153,7 @@ def free_workers(result: Mapping[str, Any]) -> None:
         if ray.util.placement_group_table().get(group_hex, {}).get("state") == "CREATED":
             group_id = ray.PlacementGroupID(bytes.fromhex(group_hex))
             remove_placement_group(PlacementGroup(group_id))
-            log.info("freed the workers of an ended trial (placement group %s)", group_hex[:8])
+            log.debug("freed the workers of an ended trial (placement group %s)", group_hex[:8])
     except Exception as err:  # noqa: BLE001 - see the docstring
         log.warning("could not free placement group %s: %s", group_hex[:8], err)
 
@@ -217,9 +218,11 @@ def build_tuner(cfg: Config, search: Search, parent_run_id: str,
         # already restarts a trial's workers (resources.max_failures), and a trial that still
         # fails (a diverged loss, a bad value) would fail the same way again.
         failure_config=ray.tune.FailureConfig(max_failures=0, fail_fast=False),
-        # Every epoch's result in each trial folder (result.json), whatever the Tune defaults.
-        callbacks=[JsonLoggerCallback(), FreeStoppedWorkers()],
+        # Every epoch's result in each trial folder (result.json), whatever the Tune defaults;
+        # a line per trial start and end where Tune's status tables are off (verbose=0).
+        callbacks=[JsonLoggerCallback(), FreeStoppedWorkers(), TrialLines(cfg)],
         stop=stopper,
+        verbose=verbosity.tune_verbose(),
     )
     return ray.tune.Tuner(trainable(cfg, search, parent_run_id, data), tune_config=tune_config,
                           run_config=run_config)

@@ -125,7 +125,7 @@ def from_checkpoint(cfg: Config, checkpoint_dir: str | Path) -> Classifier:
     tower; a ``ce``/``lp``/``lpft`` checkpoint holds the image tower and its trained head.
     """
     spec = dataclasses.replace(cfg.model, pretrained=None)  # the checkpoint brings the weights
-    loaded = load_model(spec, cfg.source)
+    loaded = load_model(spec, cfg.source, warn_random=False)
     clip: Any = loaded.model.eval()  # open_clip's CLIP: towers and logit_scale untyped
     meta = checkpoint.load_meta(checkpoint_dir)
     classnames, templates = checkpoint_prompts(cfg, meta)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
 import urllib.parse
@@ -31,6 +32,28 @@ KIND_TAG = "flyp_ray.kind"
 TRIAL_TAG = "flyp_ray.trial_id"
 PARENT_TAG = "mlflow.parentRunId"
 RETRIES = 3
+
+# MLflow's UI reads this experiment tag to choose an experiment's first page; without it, its
+# GenAI overview (traces). Its UI code (3.17) knows genai_development, custom_model_development
+# (shown as "Machine learning", and offered by its experiment-type selector with the GenAI kind),
+# finetuning, forecasting, classification, regression, automl and *_inferred variants; every
+# kind but genai_development opens on the runs, and maps to the "machine_learning" workflow.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+# MLflow 3.17's UI has a workflow switch (GenAI / Machine learning) in its sidebar, remembered
+# by the browser, GenAI at first, and it takes precedence over the tag; a page address that
+# names the workflow opens on it whatever the browser remembers.
+UI_RUNS_PAGE = "#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+MLFLOW_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
+
+# The runs' Source column: the command that made the run (the command line sets it).
+COMMAND_ENV = "FLYP_RAY_COMMAND"
+SOURCE_NAME_TAG = "mlflow.source.name"
+SOURCE_TYPE_TAG = "mlflow.source.type"
+# MLflow's UI shows a LOCAL source by the part after its last "/" (a config file's name alone)
+# and a JOB's whole name: "flyp-ray tune search_spaces/iwildcam.yaml". A command is a job.
+SOURCE_TYPE = "JOB"
+COMMANDS = {"search": "tune", "trial": "tune", "recheck": "tune"}  # by flyp_ray.kind
 
 T = TypeVar("T")
 
@@ -117,19 +140,62 @@ def _retry(what: str, fn: Callable[[], T],
 
 
 def experiment_id(mlflow_client: MlflowClient, name: str) -> str:
-    """The id of experiment ``name``, created if missing."""
+    """The id of experiment ``name``, created if missing, with MLflow's experiment kind.
+
+    An existing experiment without the kind tag gets it; one with a kind keeps it (someone may
+    have chosen another in the UI).
+    """
     found = mlflow_client.get_experiment_by_name(name)
-    if found is not None:
-        return str(found.experiment_id)
-    try:
-        return str(mlflow_client.create_experiment(
-            name, artifact_location=artifact_location(mlflow_client.tracking_uri)))
-    except MlflowException as err:
-        # Another search of the same experiment, started at the same moment, created it first.
-        found = mlflow_client.get_experiment_by_name(name)
-        if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS) or found is None:
-            raise
-        return str(found.experiment_id)
+    if found is None:
+        try:
+            return str(mlflow_client.create_experiment(
+                name, artifact_location=artifact_location(mlflow_client.tracking_uri),
+                tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}))
+        except MlflowException as err:
+            # Another search of the same experiment, started at the same moment, created it first.
+            found = mlflow_client.get_experiment_by_name(name)
+            if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS) or found is None:
+                raise
+    if EXPERIMENT_KIND_TAG not in found.tags:
+        try:
+            mlflow_client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG,
+                                             EXPERIMENT_KIND)
+        except Exception as err:  # noqa: BLE001 - a UI hint must not stop a run (read-only user)
+            log.warning("could not tag experiment %r as %s (%s: %s)", name, EXPERIMENT_KIND,
+                        type(err).__name__, str(err)[:200])
+    return str(found.experiment_id)
+
+
+def source_tags(mlflow_client: MlflowClient, cfg: Config,
+                tags: Mapping[str, str]) -> dict[str, str]:
+    """The Source of a new run: its parent's (a trial, a re-check, a compared method), else the
+    command that runs (``FLYP_RAY_COMMAND``, which the command line sets), else the command
+    that makes runs of its kind, with the config."""
+    parent = tags.get(PARENT_TAG)
+    if parent:
+        try:
+            found = mlflow_client.get_run(parent).data.tags
+        except Exception as err:  # noqa: BLE001 - the Source column must not stop a run
+            log.debug("no source from parent run %s (%s)", parent, err)
+        else:
+            copied = {k: found[k] for k in (SOURCE_NAME_TAG, SOURCE_TYPE_TAG) if k in found}
+            if copied:
+                return copied
+    command = os.environ.get(COMMAND_ENV) or (
+        f"flyp-ray {COMMANDS.get(tags.get(KIND_TAG, ''), tags.get(KIND_TAG, 'train'))} "
+        f"{cfg.source}")
+    return {SOURCE_NAME_TAG: command, SOURCE_TYPE_TAG: SOURCE_TYPE}
+
+
+def ui_address(uri: str, experiment: str) -> str | None:
+    """Where MLflow's UI shows the runs of ``experiment``: the server's page, or the page of
+    ``mlflow ui`` on this machine for a database store; None if the experiment is unknown."""
+    _, found = _retry("get_experiment_by_name", lambda: MlflowClient(
+        tracking_uri=uri).get_experiment_by_name(experiment), retries=1)
+    if found is None:
+        return None
+    base = redact(uri).rstrip("/") if uri.startswith(("http://", "https://")) else MLFLOW_UI
+    return f"{base}/{UI_RUNS_PAGE.format(experiment_id=found.experiment_id)}"
 
 
 def artifact_location(uri: str) -> str | None:
@@ -148,7 +214,8 @@ def start_run(cfg: Config, run_name: str, tags: Mapping[str, str]) -> str:
     """Create a run with the flat TrainConfig as params and the whole config as an artifact."""
     mlflow_client = client(cfg.tracking.uri)
     exp = experiment_id(mlflow_client, cfg.tracking.experiment)
-    run = mlflow_client.create_run(exp, run_name=run_name, tags=dict(tags))
+    run = mlflow_client.create_run(exp, run_name=run_name,
+                                   tags={**source_tags(mlflow_client, cfg, tags), **tags})
     run_id = str(run.info.run_id)
     params = [Param(k, str(v)) for k, v in train_params(cfg.train).items()]
     params += [Param("dataset", cfg.dataset.name), Param("model.arch", cfg.model.arch),
@@ -280,6 +347,7 @@ def start_search_run(cfg: Config, name: str, path: str, parent_run_id: str | Non
     tags = {KIND_TAG: "search", SEARCH_NAME_TAG: name, SEARCH_PATH_TAG: path}
     if parent_run_id is not None:
         tags[PARENT_TAG] = parent_run_id
+    tags.update(source_tags(mlflow_client, cfg, tags))
     run_id = str(mlflow_client.create_run(exp, run_name=name, tags=tags).info.run_id)
     mlflow_client.log_batch(run_id, params=[Param(k, v) for k, v in search_params(cfg).items()])
     mlflow_client.log_dict(run_id, to_dict(cfg), "config.yaml")

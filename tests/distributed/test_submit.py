@@ -237,3 +237,12 @@ def test_token_headers(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "missing"))
     with pytest.raises(submit.BadInput, match="RAY_AUTH_TOKEN_PATH"):
         submit.auth_headers()
+
+
+def test_a_verbose_submit_makes_the_job_verbose(project: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FLYP_RAY_VERBOSE", raising=False)
+    assert "env_vars" not in submit.runtime_env(["tune", "good.yaml"], project)
+    monkeypatch.setenv("FLYP_RAY_VERBOSE", "1")  # what --verbose sets, or the user did
+    env = submit.runtime_env(["tune", "good.yaml"], project)
+    assert env["env_vars"] == {"FLYP_RAY_VERBOSE": "1"}

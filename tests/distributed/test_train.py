@@ -59,6 +59,10 @@ def test_train_on_wilds_iwildcam_with_two_workers(ray_session: None, tmp_path: P
     assert [step for step, _ in history(uri, run.info.run_id, "ood_test/acc")] == [1, 2]
     assert [step for step, _ in history(uri, run.info.run_id, "train/loss")] == [1, 2]
     assert run.info.status == "FINISHED"
+    # The runs table's Source column: the command as typed.
+    assert run.data.tags["mlflow.source.name"] == \
+        f"flyp-ray train {tmp_path / 'iwildcam.yaml'}"
+    assert run.data.tags["mlflow.source.type"] == "JOB"
 
 
 def test_flyp_learns_the_synthetic_set(ray_session: None, tmp_path: Path,

@@ -29,7 +29,7 @@ def test_readings_every_n_steps_on_the_optimizer_step_axis(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     run = build_run(config(tmp_path, log_every_steps=3), CPU)
     readings: list[tuple[int, dict[str, float]]] = []
-    with caplog.at_level(logging.INFO, logger="flyp_ray.finetune.loop"):
+    with caplog.at_level(logging.DEBUG, logger="flyp_ray.finetune.loop"):
         loop.run_epochs(run, 0, lambda epoch, metrics: None,
                         lambda step, figures: readings.append((step, figures)))
 
@@ -40,9 +40,12 @@ def test_readings_every_n_steps_on_the_optimizer_step_axis(
         assert figures["samples_per_s"] > 0 and figures["step_ms"] > 0
         assert 0 <= figures["data_wait"] <= 1
         assert "decoded" not in figures  # no cache: nothing to count
-    lines = [r.getMessage() for r in caplog.records if r.name == "flyp_ray.finetune.loop"]
+    records = [r for r in caplog.records if r.name == "flyp_ray.finetune.loop"]
+    lines = [r.getMessage() for r in records]
     assert [line.split(":")[0] for line in lines] == ["epoch 1 step 3/4", "epoch 1/2",
                                                       "epoch 2 step 3/4", "epoch 2/2"]
+    # A terminal (INFO) gets the first line and then one a minute; --verbose (DEBUG) all.
+    assert [r.levelno for r in records] == [logging.INFO] + [logging.DEBUG] * 3
     assert "samples/s" in lines[0] and "ms/step" in lines[0] and "data wait" in lines[0]
     assert "train" in lines[1] and "eval" in lines[1] and "data wait" in lines[1]
 
@@ -100,3 +103,16 @@ def test_progress_line_reads_as_one_short_line() -> None:
     figures = {"samples_per_s": 3150.4, "step_ms": 81.24, "data_wait": 0.023}
     assert progress.line(figures) == "3150 samples/s, 81.2 ms/step, data wait 2%"
     assert progress.line({**figures, "decoded": 512}).endswith(", decoded 512")
+
+
+def test_pace_lets_one_line_a_minute_through(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [0.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])
+    pace = progress.Pace(every_s=60.0)
+    levels = []
+    for at in (0.0, 2.0, 32.0, 59.9, 60.5, 120.0, 120.5):
+        now[0] = at
+        levels.append(pace.level())
+    # A minute is counted from the last INFO line: 60.5 s, then 120.5 s.
+    assert levels == [logging.INFO, logging.DEBUG, logging.DEBUG, logging.DEBUG,
+                      logging.INFO, logging.DEBUG, logging.INFO]

@@ -7,6 +7,7 @@ with half a CPU, so two fit next to each other on the shared 2-CPU test cluster.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -58,7 +59,8 @@ def epochs_logged(client: MlflowClient, run_id: str) -> list[int]:
 
 
 def test_search_with_asha_tracks_parent_and_trials(ray_session: None, mlflow_server: str,
-                                                   tmp_path: Path, wilds_root: Path) -> None:
+                                                   tmp_path: Path, wilds_root: Path,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
     # Selecting on train/lr makes ASHA's decisions known in advance: after epoch 1 each trial's
     # train/lr is its sampled peak lr. With seed 1 the third sample is the smallest of the four,
     # and trial 3 only starts once an earlier trial has finished (2 at a time), so ASHA has a
@@ -74,7 +76,8 @@ def test_search_with_asha_tracks_parent_and_trials(ray_session: None, mlflow_ser
     # A real tracking server on 127.0.0.1, and a registered model at the end.
     cfg = config.load(path, [f"tracking.uri={mlflow_server}", "tracking.experiment=test",
                              "tracking.registered_model=flyp-test"])
-    summary = tune.run_search(cfg)
+    with caplog.at_level(logging.INFO, logger="flyp_ray.search.trial_lines"):
+        summary = tune.run_search(cfg)
     held = [g for g in ray.util.placement_group_table().values() if g["state"] == "CREATED"]
     assert held == []
 
@@ -112,6 +115,19 @@ def test_search_with_asha_tracks_parent_and_trials(ray_session: None, mlflow_ser
         assert stopped == (epochs[trial_id] < 3)
     assert min(epochs.values()) < 3, f"ASHA stopped no trial: {epochs}"
     assert max(epochs.values()) == 3
+    # A line when each trial started and one when it ended, saying how.
+    lines = [r.getMessage() for r in caplog.records if r.name == "flyp_ray.search.trial_lines"]
+    for trial_id, done in epochs.items():
+        assert sum(line.startswith(f"trial {trial_id} started: lr=") for line in lines) == 1
+        how = "completed" if done == 3 else f"stopped early by the scheduler at epoch {done}"
+        assert sum(line.startswith(f"trial {trial_id} {how}: train/lr ") for line in lines) == 1
+    # MLflow's UI opens the experiment on its runs; a trial's Source is its search's.
+    experiment = client.get_experiment_by_name("test")
+    assert experiment.tags[runs.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    source = (parent.data.tags[runs.SOURCE_NAME_TAG], parent.data.tags[runs.SOURCE_TYPE_TAG])
+    assert source[0].startswith("flyp-ray tune") and source[0].endswith("iwildcam.yaml")
+    assert {(c.data.tags[runs.SOURCE_NAME_TAG], c.data.tags[runs.SOURCE_TYPE_TAG])
+            for c in children} == {source}
 
     best_id = max(peak, key=lambda t: peak[t])
     assert summary["best_trial_id"] == best_id

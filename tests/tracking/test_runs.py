@@ -1,13 +1,17 @@
-"""The MLflow module's pure helpers: secrets never leave in a URI, artifacts stay together."""
+"""The MLflow module: secrets never leave in a URI, artifacts stay together, experiments and
+runs say what they are and where they came from."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import mlflow
 import pytest
 
+from flyp_ray.config import from_dict
 from flyp_ray.errors import ConfigError
 from flyp_ray.tracking import runs
+from tests.support.configs import tiny_config
 
 
 @pytest.mark.parametrize(("uri", "shown"), [
@@ -38,8 +42,6 @@ def test_sqlite_artifacts_live_beside_the_database(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_metrics_survive_an_mlflow_outage(tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    import mlflow
-
     from tests.support.servers import free_port, start_mlflow_server, stop_server
 
     # Fail fast while the server is down: MLflow's own client would otherwise retry for minutes.
@@ -85,3 +87,55 @@ def test_an_experiment_created_meanwhile_by_another_search_is_used(tmp_path: Pat
     created_by_the_other = MlflowClient(tracking_uri=uri).create_experiment("shared")
     client = LookedBeforeTheOtherCreatedIt(tracking_uri=uri)
     assert runs.experiment_id(client, "shared") == created_by_the_other
+
+
+def test_experiments_open_as_model_training_in_mlflow_ui(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    # One experiment that an earlier version made without the tag, one whose kind a user set.
+    client.create_experiment("old", artifact_location=runs.artifact_location(uri))
+    client.create_experiment("chosen", artifact_location=runs.artifact_location(uri),
+                             tags={runs.EXPERIMENT_KIND_TAG: "genai_development"})
+    for name in ("test", "old", "chosen"):
+        cfg = from_dict(tiny_config(tmp_path, tracking={"experiment": name}), "c.yaml")
+        runs.start_run(cfg, "run", {runs.KIND_TAG: "train"})
+    kinds = {name: client.get_experiment_by_name(name).tags.get(runs.EXPERIMENT_KIND_TAG)
+             for name in ("test", "old", "chosen")}
+    assert kinds == {"test": "custom_model_development", "old": "custom_model_development",
+                     "chosen": "genai_development"}
+    page = runs.ui_address(uri, "test")
+    assert page == (f"http://127.0.0.1:5000/#/experiments/"
+                    f"{client.get_experiment_by_name('test').experiment_id}"
+                    f"/runs?workflowType=machine_learning")
+    assert runs.ui_address(uri, "no such experiment") is None
+
+
+def test_runs_name_the_command_that_made_them_as_their_source(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    cfg = from_dict(tiny_config(tmp_path), "search_spaces/iwildcam.yaml")
+
+    def source(run_id: str) -> tuple[str, str]:
+        tags = client.get_run(run_id).data.tags
+        return tags[runs.SOURCE_NAME_TAG], tags[runs.SOURCE_TYPE_TAG]
+
+    # What the command line sets: the command as typed. A search's trials and re-checks (made
+    # in other processes, on other machines) take their parent's.
+    monkeypatch.setenv(runs.COMMAND_ENV, "flyp-ray tune search_spaces/iwildcam.yaml --set lr=1")
+    search = runs.start_search_run(cfg, "search-iwildcam", str(tmp_path / "s"))
+    monkeypatch.delenv(runs.COMMAND_ENV)
+    trial = runs.start_trial_run(cfg, search, "abc123")
+    recheck = runs.start_run(cfg, "recheck-abc123-seed1", {
+        runs.KIND_TAG: "recheck", runs.PARENT_TAG: search, runs.TRIAL_TAG: "abc123"})
+    typed = ("flyp-ray tune search_spaces/iwildcam.yaml --set lr=1", "JOB")
+    assert [source(r) for r in (search, trial, recheck)] == [typed] * 3
+
+    # Without the command line (the package used from Python): the command of the run's kind.
+    compare = runs.start_run(cfg, "compare-iwildcam", {runs.KIND_TAG: "compare"})
+    method = runs.start_run(cfg, "train-iwildcam-ce", {runs.KIND_TAG: "train",
+                                                       runs.PARENT_TAG: compare})
+    train = runs.start_run(cfg, "train-iwildcam", {runs.KIND_TAG: "train"})
+    assert source(compare) == source(method) == ("flyp-ray compare search_spaces/iwildcam.yaml",
+                                                 "JOB")
+    assert source(train) == ("flyp-ray train search_spaces/iwildcam.yaml", "JOB")

@@ -1,0 +1,56 @@
+"""What a Ray process prints by default and with FLYP_RAY_VERBOSE=1 (no Ray: the logging alone).
+
+Ray Train sets the root logger of its workers to INFO with a console handler, and open_clip logs
+every model build there; the package's own lines must still get through, after the run's name.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from flyp_ray.distributed import verbosity
+
+# A Train worker's logging as Ray Train leaves it, then ours, then a library's line and one of
+# the package's.
+WORKER = """
+import logging, sys
+root = logging.getLogger()
+root.setLevel(logging.INFO)
+root.addHandler(logging.StreamHandler(sys.stderr))
+from flyp_ray.distributed import verbosity
+verbosity.ray_process("3239a8b4")
+logging.info("Loaded built-in flyp-tiny model config.")
+logging.getLogger("flyp_ray.finetune.loop").info("epoch 1/4: train 2.0 s")
+logging.getLogger("flyp_ray.finetune.loop").debug("epoch 2/4: train 2.1 s")
+logging.getLogger("flyp_ray.finetune.model").warning("model.pretrained is null")
+"""
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_a_worker_prints_its_own_lines_and_the_libraries_only_when_verbose(verbose: bool) -> None:
+    env = {k: v for k, v in os.environ.items() if k != verbosity.ENV}
+    if verbose:
+        env[verbosity.ENV] = "1"
+    done = subprocess.run([sys.executable, "-c", WORKER], env=env, capture_output=True,
+                          text=True, timeout=120, check=True)
+    lines = done.stderr.strip().splitlines()
+    if verbose:
+        assert lines == ["Loaded built-in flyp-tiny model config.",
+                         "3239a8b4: epoch 1/4: train 2.0 s", "3239a8b4: epoch 2/4: train 2.1 s",
+                         "3239a8b4: warning: model.pretrained is null"]
+    else:
+        assert lines == ["3239a8b4: epoch 1/4: train 2.0 s",
+                         "3239a8b4: warning: model.pretrained is null"]
+
+
+def test_the_choice_travels_to_ray_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(verbosity.ENV, raising=False)
+    assert verbosity.env() == verbosity.QUIET_ENV
+    assert verbosity.tune_verbose() == 0 and verbosity.train_log_level() == "WARNING"
+    monkeypatch.setenv(verbosity.ENV, "1")
+    assert verbosity.env() == {verbosity.ENV: "1"}
+    assert verbosity.tune_verbose() is None and verbosity.train_log_level() == "INFO"
