@@ -337,7 +337,22 @@ def run_init(data: str, overrides: Sequence[str], out: str | None) -> tuple[str,
     text = render(d.raw, d.comments, d.header)
     cfg = config_mod.from_dict(config_mod.parse_yaml(text, source), source)
     _check_runs(cfg, found)
+    _check_weights(cfg, d)
     return text, d
+
+
+def _check_weights(cfg: config_mod.Config, d: Draft) -> None:
+    """Say so when the model's weights are neither cached nor reachable from here.
+
+    The file is written all the same (the reference's model is what a FLYP user wants, and the
+    weights may be provided before the first run), but ``validate`` would refuse it as it is.
+    """
+    from flyp_ray.finetune.model import check_model
+
+    try:
+        check_model(cfg.model, cfg.source)
+    except BadInput as err:
+        d.undecided.append(f"{err} (validate refuses the file until then)")
 
 
 def _keys(overrides: Sequence[str]) -> set[str]:

@@ -47,7 +47,9 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 
 def init_and_validate(capsys: pytest.CaptureFixture[str], data: str, out: Path,
                       *sets: str) -> dict[str, Any]:
-    code, stdout, err = run(capsys, "init", data, "--out", str(out), *sets)
+    """init, then validate on the written file as it is. The tiny model stands in for the
+    reference's ViT-B-16, whose weights no test machine may have (see the test of that case)."""
+    code, stdout, err = run(capsys, "init", data, "--out", str(out), *TINY, *sets)
     assert code == 0, err
     assert json.loads(stdout.strip().splitlines()[-1])["config"] == str(out)
     code, stdout, err = run(capsys, "validate", str(out))
@@ -65,12 +67,31 @@ def test_imagefolder_written_file_passes_validate_as_it_is(
     raw = init_and_validate(capsys, str(root), tmp_path / "pets.yaml")
     assert raw["dataset"] == {"name": "imagefolder", "root": str(root), "templates": "simple",
                               "cache": "none", "loader_workers": -1}
-    assert raw["model"] == {"arch": "ViT-B-16", "pretrained": "openai"}
+    assert raw["model"] == {"arch": str(tiny_config_path()), "pretrained": None}
     assert raw["tracking"]["experiment"] == raw["tracking"]["registered_model"] == "flyp-my-pets"
     assert raw["train"]["batch_size"] <= 24 and raw["train"]["warmup_steps"] == 0  # few-shot
     text = (tmp_path / "pets.yaml").read_text()
     assert "# Classes (3): golden retriever, parrot, tabby cat" in text
     assert "# Splits: train 24, id_val 12, id_test 12" in text
+
+
+def test_the_references_model_without_its_weights_is_named_and_refused_by_validate(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # An empty cache and no hub: what an air-gapped cluster (and every test machine) has.
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    root = write_imagefolder(tmp_path / "pets")
+    code, _, err = run(capsys, "init", str(root), "--out", str(tmp_path / "pets.yaml"))
+    assert code == 0, err
+    raw = yaml.safe_load((tmp_path / "pets.yaml").read_text())
+    assert raw["model"] == {"arch": "ViT-B-16", "pretrained": "openai"}
+    said = [line for line in err.splitlines() if "neither cached nor reachable" in line]
+    assert len(said) == 1 and said[0].startswith("flyp-ray init: not decided: ")
+    assert "validate refuses the file until then" in said[0]
+    code, _, err = run(capsys, "validate", str(tmp_path / "pets.yaml"))
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "neither cached nor reachable" in err
 
 
 def test_without_out_it_prints_the_yaml_and_says_what_it_found(
@@ -160,7 +181,7 @@ def test_sized_to_the_training_set_and_the_machine(per_class: list[int], where: 
 
 def small(tmp: Path, *more: str) -> list[str]:
     """--set items for a quick run on the test's 2-CPU Ray."""
-    return [*TINY, "--set=epochs=1", "--set=batch_size=8", "--set=train.eval_batch_size=64",
+    return ["--set=epochs=1", "--set=batch_size=8", "--set=train.eval_batch_size=64",
             "--set=resources.cpus_per_worker=0.5", "--set=resources.max_failures=0",
             f"--set=tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
             f"--set=storage={tmp / 'results'}", *more]
