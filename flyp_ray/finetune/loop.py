@@ -51,6 +51,17 @@ def draw_prompts(tokens: torch.Tensor, labels: torch.Tensor,
     return tokens[labels.to(where, non_blocking=True), choice.to(where, non_blocking=True)]
 
 
+def _at_least_fp32(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in float32 if autocast left it in half precision, else as it is.
+
+    The loss wants float32 at least: bf16/fp16 logits lose the softmax's small terms. Casting
+    down a float64 model's outputs would lose what float64 is for: the step-by-step comparison
+    with a written-out reference (tests/finetune/test_recipe.py) runs in float64 so that
+    reduction-order noise stays near 1e-15 instead of float32's 1e-5.
+    """
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
 def loss_step(run: Run, images: torch.Tensor, labels: torch.Tensor,
               generator: torch.Generator) -> torch.Tensor:
     """The batch's loss: FLYP's on (image, drawn prompt) pairs, else cross-entropy."""
@@ -68,8 +79,9 @@ def loss_step(run: Run, images: torch.Tensor, labels: torch.Tensor,
     texts = draw_prompts(run.prompts, labels, generator)
     with autocast(run.device, run.train.precision):
         out = run.model(images, texts)
-        return run.loss_fn(out["image_features"].float(), out["text_features"].float(),
-                           out["logit_scale"].float(), labels)
+        return run.loss_fn(_at_least_fp32(out["image_features"]),
+                           _at_least_fp32(out["text_features"]),
+                           _at_least_fp32(out["logit_scale"]), labels)
 
 
 def optimizer_step(run: Run, loss: torch.Tensor) -> None:

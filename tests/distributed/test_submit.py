@@ -30,6 +30,8 @@ from tests.support.configs import tiny_config, write_config
 
 BIN = Path(sys.executable).parent
 FLYP_RAY = [sys.executable, "-m", "flyp_ray"]
+HEAD_S = 300  # a Ray head's Jobs API answers in seconds when idle; this only stops a hang
+JOB_S = 300  # the same for a command whose job runs on that head
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,7 @@ def head() -> Iterator[Head]:
 
 
 def _wait_for_jobs_api(url: str, token: str, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + HEAD_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             pytest.fail(f"ray start exited with {proc.returncode}")
@@ -92,7 +94,7 @@ def _wait_for_jobs_api(url: str, token: str, proc: subprocess.Popen[bytes]) -> N
         except requests.RequestException:
             pass
         time.sleep(0.5)
-    pytest.fail(f"the Jobs API at {url} did not answer within 60 s")
+    pytest.fail(f"the Jobs API at {url} did not answer within {HEAD_S} s")
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -123,7 +125,7 @@ def _client_env(token: str | None) -> dict[str, str]:
 
 
 def _flyp_ray(*args: str, token: str | None, cwd: Path,
-              timeout: float = 120) -> subprocess.CompletedProcess[str]:
+              timeout: float = JOB_S) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*FLYP_RAY, *args], env=_client_env(token), cwd=cwd, text=True,
                           capture_output=True, timeout=timeout, check=False)
 

@@ -74,9 +74,14 @@ def test_flyp_learns_the_synthetic_set(ray_session: None, tmp_path: Path,
     code, out = run_cli(capsys, "train", str(write_config(tmp_path / "synthetic.yaml", raw)))
 
     assert code == 0
-    accuracy = history(raw["tracking"]["uri"], out["mlflow_run_id"], "id_val/acc")
-    first, last = accuracy[0][1], accuracy[-1][1]
-    assert last >= first + 0.15, accuracy  # six classes: chance is 0.17
+    uri, run_id = raw["tracking"]["uri"], out["mlflow_run_id"]
+    train_loss, held_out = history(uri, run_id, "train/loss"), history(uri, run_id, "id_val/loss")
+    accuracy = history(uri, run_id, "id_val/acc")  # shown when the check fails
+    # Another CPU rounds differently, and 90 steps grow that into another trajectory, as another
+    # seed does. Over seeds 0-5 here (2026-12-02) the losses fell from epoch 1 to 5 by at least
+    # 0.40 (training) and 0.15 (id_val); the accuracy gained 0.04 to 0.36, too spread to test.
+    assert train_loss[-1][1] <= train_loss[0][1] - 0.2, (train_loss, accuracy)
+    assert held_out[-1][1] <= held_out[0][1] - 0.05, (held_out, accuracy)
     # Throughput readings on an axis of their own, optimizer steps (18 an epoch), one at the
     # end of each epoch here, where the epoch metrics have step = epoch.
     readings = history(raw["tracking"]["uri"], out["mlflow_run_id"], "perf/epoch")

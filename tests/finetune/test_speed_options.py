@@ -4,10 +4,15 @@ Options: ``train.grad_checkpointing``, ``train.compile``, ``train.precision: bf1
 ``train.eval_splits``, ``dataset.cache`` (memory, disk) and ``dataset.loader_workers: -1``.
 ``train.local_loss`` is covered by the loss tests. Everything runs the real loop code on the
 tiny ViT (its transformer towers are what checkpointing and compile act on).
+
+Checkpointing and compile must not change the numbers, only the order some are computed in:
+those comparisons run in float64, where that moves a loss or gradient by about 1e-16 of its
+size, and ``SAME`` (1e-9) still catches any real change. bf16 is compared with fp32 in float32.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from collections.abc import Iterator
@@ -39,6 +44,7 @@ from tests.support.configs import named
 
 CPU = torch.device("cpu")
 SPLITS = ("train", "id_val", "ood_test")
+SAME = 1e-9  # float64: relative and absolute, for losses and gradients
 
 
 def write_jpeg_folder(root: Path, n_per_split: int = 8, classes: int = 3) -> Path:
@@ -74,16 +80,29 @@ def csv_cfg(root: Path, **kw: object) -> DatasetConfig:
                          templates=["a photo of a {}.", "a picture of a {}."], **kw)
 
 
-def fresh_model(tiny: LoadedModel) -> torch.nn.Module:
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """open_clip makes a model's weights in torch's default dtype: float64 ones inside."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
+def fresh_model(tiny: LoadedModel, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """A new copy of the tiny model with the same weights every time."""
     torch.manual_seed(0)
-    model = load_model(ModelConfig(arch=str(tiny_config_path(vit=True)), pretrained=None)).model
-    return model
+    with default_dtype(dtype):
+        arch = str(tiny_config_path(vit=True))
+        return load_model(ModelConfig(arch=arch, pretrained=None)).model
 
 
-def make_run(tiny: LoadedModel, d: base.Data, train: TrainConfig) -> Run:
+def make_run(tiny: LoadedModel, d: base.Data, train: TrainConfig,
+             dtype: torch.dtype = torch.float32) -> Run:
     loader = DataLoader(d.splits["train"].dataset, batch_size=8, shuffle=False, drop_last=True)
-    return build_run_state(fresh_model(tiny), d, tiny.tokenizer, train, loader, CPU)
+    return build_run_state(fresh_model(tiny, dtype), d, tiny.tokenizer, train, loader, CPU)
 
 
 def loss_and_grads(run: Run) -> tuple[float, dict[str, torch.Tensor]]:
@@ -91,6 +110,7 @@ def loss_and_grads(run: Run) -> tuple[float, dict[str, torch.Tensor]]:
     run.model.train()
     torch.manual_seed(1)  # the same random crops in every call
     images, labels, _ = next(iter(run.loader))
+    images = images.to(next(run.model.parameters()).dtype)  # the loader's are float32
     loss = loop.loss_step(run, images, labels, torch.Generator().manual_seed(0))
     loss.backward()
     grads = {n: p.grad.clone() for n, p in run.model.named_parameters() if p.grad is not None}
@@ -108,17 +128,19 @@ def synthetic_data(tiny: LoadedModel) -> base.Data:
 
 def test_grad_checkpointing_keeps_loss_and_gradients(tiny: LoadedModel,
                                                      synthetic_data: base.Data) -> None:
-    plain = make_run(tiny, synthetic_data, TrainConfig())
-    checkpointed = make_run(tiny, synthetic_data, TrainConfig(grad_checkpointing=True))
+    plain = make_run(tiny, synthetic_data, TrainConfig(), torch.float64)
+    checkpointed = make_run(tiny, synthetic_data, TrainConfig(grad_checkpointing=True),
+                            torch.float64)
     assert checkpointed.model.visual.transformer.grad_checkpointing  # type: ignore[union-attr]
     assert checkpointed.model.transformer.grad_checkpointing  # type: ignore[union-attr]
     assert not plain.model.transformer.grad_checkpointing  # type: ignore[union-attr]
     loss_a, grads_a = loss_and_grads(plain)
     loss_b, grads_b = loss_and_grads(checkpointed)
-    assert loss_b == pytest.approx(loss_a, rel=1e-6)
+    assert loss_b == pytest.approx(loss_a, rel=SAME)
     assert grads_a.keys() == grads_b.keys() and len(grads_a) > 10
     for name, grad in grads_a.items():
-        torch.testing.assert_close(grads_b[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+        assert grad.dtype == torch.float64
+        torch.testing.assert_close(grads_b[name], grad, rtol=SAME, atol=SAME, msg=name)
 
 
 def test_compile_is_in_place_and_keeps_state_dict_keys(tiny: LoadedModel,
@@ -132,11 +154,14 @@ def test_compile_is_in_place_and_keeps_state_dict_keys(tiny: LoadedModel,
                     reason="inductor compiles the tiny model in ~220 s on the 2-core CPU box "
                            "(measured 2026-11-28); set FLYP_RAY_SLOW_TESTS=1 to run")
 def test_compile_keeps_loss_and_gradients(tiny: LoadedModel, synthetic_data: base.Data) -> None:
-    loss_a, grads_a = loss_and_grads(make_run(tiny, synthetic_data, TrainConfig()))
-    loss_b, grads_b = loss_and_grads(make_run(tiny, synthetic_data, TrainConfig(compile=True)))
-    assert loss_b == pytest.approx(loss_a, rel=1e-5)
+    plain = make_run(tiny, synthetic_data, TrainConfig(), torch.float64)
+    compiled = make_run(tiny, synthetic_data, TrainConfig(compile=True), torch.float64)
+    loss_a, grads_a = loss_and_grads(plain)
+    loss_b, grads_b = loss_and_grads(compiled)
+    assert loss_b == pytest.approx(loss_a, rel=SAME)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 10
     for name, grad in grads_a.items():
-        torch.testing.assert_close(grads_b[name], grad, rtol=1e-3, atol=1e-6, msg=name)
+        torch.testing.assert_close(grads_b[name], grad, rtol=SAME, atol=SAME, msg=name)
 
 
 def test_bf16_loss_is_close_to_fp32(tiny: LoadedModel, synthetic_data: base.Data) -> None:

@@ -86,17 +86,21 @@ def test_recheck_crowns_the_best_mean_and_resumes_without_retraining(
     assert client.get_run(interrupted).info.status == "FINISHED"
 
 
+SAMPLES = 1000  # trials a budgeted search may start: 60 ms each to run them all in a minute
+
+
 @pytest.mark.slow
 def test_a_spent_budget_starts_no_trial_and_no_recheck(ray_session: None, tmp_path: Path) -> None:
-    # One minute of one worker: each trial's start-up alone takes seconds, so the search stops
-    # starting trials long before its 20 samples; the re-check does not start either.
+    # One minute of one worker, and more samples than any machine runs in a minute (a Ray Train
+    # trial's start-up alone takes seconds): only the budget can stop the search, on a fast
+    # machine as on a slow one. The re-check does not start either.
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = search_config(tmp_path, uri, "budget", num_samples=20, max_concurrent_trials=1,
+    cfg = search_config(tmp_path, uri, "budget", num_samples=SAMPLES, max_concurrent_trials=1,
                         budget={"worker_hours": 1 / 60}, recheck={"top_k": 1, "seeds": 1})
     summary = tune.run_search(cfg)
     spent = summary["budget"]["spent_worker_hours"]
     assert summary["budget"]["worker_hours"] == pytest.approx(1 / 60)
-    assert 1 / 60 <= spent and 1 <= summary["num_trials"] < 20
+    assert 1 / 60 <= spent and 1 <= summary["num_trials"] < SAMPLES
     assert "recheck" not in summary and summary["registered_model"] is not None
     # The trials that ran spent it: the last one started before the budget was gone.
     assert spent - max(r["seconds"] for r in tune.trial_records(cfg, tune.locate(cfg, True))) \

@@ -14,6 +14,7 @@ import concurrent.futures
 import dataclasses
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -37,8 +38,12 @@ from tests.support.servers import (
     wait_until_healthy,
 )
 
-BATCH_WAIT_S = 0.5  # long enough that the concurrent requests below meet in one batch
+# How long the first request of a batch waits for more. The concurrent requests below leave
+# together (a barrier) and need only reach the replica within this; every request sent alone
+# waits it out, so it costs each of the few sequential requests here that long.
+BATCH_WAIT_S = 2.0
 START_S = 300  # both start at once on a small machine: a Ray cluster, a uvicorn, two models
+LOG_S = 120  # Ray forwards a replica's log lines to the command's stderr within seconds
 
 
 @dataclasses.dataclass
@@ -131,8 +136,14 @@ def test_concurrent_requests_share_a_batch_and_a_bad_one_fails_alone(
     bad = base64.b64encode(b"not an image").decode()
     requests = [split_request([b64[0], b64[7]]), split_request([b64[2]]),
                 split_request([b64[5], bad]), split_request([b64[4]])]
+    together = threading.Barrier(len(requests))
+
+    def send(payload: Any) -> tuple[int, Any]:
+        together.wait()  # all threads started: the requests leave at once
+        return post_json(url, payload)
+
     with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
-        answers = list(pool.map(lambda payload: post_json(url, payload), requests))
+        answers = list(pool.map(send, requests))
     (status0, answer0), (status1, answer1), (status2, answer2), (status3, answer3) = answers
     assert (status0, status1, status3) == (200, 200, 200)
     check_answer(answer0["predictions"], served_images, [0, 7])
@@ -144,7 +155,7 @@ def test_concurrent_requests_share_a_batch_and_a_bad_one_fails_alone(
     # The replica logs each model call: at least one served several requests at once. Ray
     # forwards the replica's log lines to the command's stderr a little later.
     batched = [f"{app.BATCH_LOG} {n} requests" for n in (2, 3, 4)]
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + LOG_S
     while not any(b in servers.flyp_log.read_text() for b in batched):
         assert time.monotonic() < deadline, [line for line in servers.flyp_log.read_text()
                                              .splitlines() if app.BATCH_LOG in line]

@@ -1,9 +1,9 @@
 """Checkpoints the tests write, and a registered model with image files to send it.
 
 :func:`image_set` is what the serving tests share (once per session): a ``ce``-style checkpoint
-whose head is the image features of six of the images (so that different images get different
-labels), logged and registered with the alias ``champion``; the images as PNG and JPEG files of
-a ``csv`` data set; and what ``flyp-ray eval``'s own code predicts for each file.
+whose head tells six of the images apart (so that different images get different labels), logged
+and registered with the alias ``champion``; the images as PNG and JPEG files of a ``csv`` data
+set; and what ``flyp-ray eval``'s own code predicts for each file.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ from tests.support.configs import tiny_config, write_config
 SERVED_NAME = "flyp-served"
 N_IMAGES = 8  # the first half PNG, the second JPEG
 TEMPLATES = ["a photo of a {}."]
+MARGIN = 50.0  # logits by which a prototype's own class leads (head: write_prototype_checkpoint)
+MIN_LEAD = 10.0  # logits by which every file's top class must lead the next (checked once)
 
 
 def write_checkpoint(cfg: config.Config, folder: Path) -> Path:
@@ -48,18 +50,26 @@ def write_checkpoint(cfg: config.Config, folder: Path) -> Path:
 
 def write_prototype_checkpoint(cfg: config.Config, folder: Path,
                                prototypes: list[Image.Image]) -> Path:
-    """A ``ce`` checkpoint whose class ``i`` is the direction of ``prototypes[i]``'s features.
+    """A ``ce`` checkpoint whose class ``i`` scores ``MARGIN`` on ``prototypes[i]`` and 0 on the
+    other prototypes, so that a wrong transform or a mixed-up row shows in the labels.
 
-    A randomly initialised tiny model gives every image nearly the same label; with this head
-    each prototype is its own class, so a wrong transform or a mixed-up row shows in the labels.
+    A randomly initialised tiny model maps every image to nearly the same unit feature (cosines
+    above 0.9998 here): a head of the prototypes' own directions left top-2 probability gaps of
+    5e-6, next to the 4e-6 that batching the same images differently moves a probability by, so
+    a label could flip by machine. The head here is the pseudo-inverse of the prototypes'
+    features: every file's top class leads by 15 logits or more, over 1000 times what batching
+    moves a logit by (0.011 here), and the probabilities are saturated, so that rounding moves
+    each by at most 2 p (1 - p) times that: 1e-8 (measured 2e-9; :func:`image_set` checks the
+    lead).
     """
     torch.manual_seed(1234)
     loaded = load_model(cfg.model, cfg.source)
     clip: Any = loaded.model.eval()
     with torch.no_grad():
         batch = torch.stack([loaded.preprocess_eval(image) for image in prototypes])
-        head = clip.encode_image(batch, normalize=True).T
-        clip.logit_scale.fill_(math.log(100.0))  # CLIP's largest scale: clear winners
+        features = clip.encode_image(batch, normalize=True).double()
+        clip.logit_scale.fill_(math.log(100.0))  # CLIP's largest scale
+        head = (torch.linalg.pinv(features) * (MARGIN / 100.0)).float()
     module = registry.ProbabilityClassifier.from_clip(clip, head)
     state = build_state(module, cfg.train, 10, torch.device("cpu"))
     meta = {"method": "ce", "classnames": list(synthetic.CLASSNAMES), "templates": TEMPLATES}
@@ -118,6 +128,8 @@ def image_set(tmp: Path) -> ImageSet:
     assert promotion.promote(cfg, registered[1]).decision == promotion.FIRST  # -> champion
     uri = f"models:/{SERVED_NAME}@{registry.CHAMPION}"
     probabilities = eval_probabilities(cfg, uri)
+    second, top = np.sort(probabilities, axis=1)[:, -2:].T
+    assert (top >= math.exp(MIN_LEAD) * second).all(), probabilities  # no near-ties (above)
     classnames = list(synthetic.CLASSNAMES)
     labels = [classnames[i] for i in probabilities.argmax(axis=1)]
     # The files' labels are now the eval path's predictions: `flyp-ray eval` must score 1.0.

@@ -36,7 +36,8 @@ def start_mlflow_server(folder: Path, port: int, *extra_args: str,
          "--artifacts-destination", str(folder / "artifacts"), *extra_args],
         env=env, stdout=open(folder / "server.log", "a"), stderr=subprocess.STDOUT,
         start_new_session=True)
-    wait_until_healthy(server, f"http://127.0.0.1:{port}/health", folder / "server.log", 120)
+    # About 25 s here when idle: the limit only stops a server that will never answer.
+    wait_until_healthy(server, f"http://127.0.0.1:{port}/health", folder / "server.log", 300)
     return server
 
 
@@ -87,7 +88,7 @@ def stop_server(server: subprocess.Popen[bytes]) -> None:
         server.wait()
 
 
-def stop_gracefully(server: subprocess.Popen[bytes], timeout_s: float = 60) -> int | None:
+def stop_gracefully(server: subprocess.Popen[bytes], timeout_s: float = 180) -> int | None:
     """SIGTERM to the server's own PID only, so that it can take down what it started (Ray);
     then its process group, by PID, for anything left. Its exit code, None if it hung."""
     try:
