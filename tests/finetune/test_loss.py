@@ -7,9 +7,7 @@ add things up (float32 made that 1e-6 and more, next to tolerances of 1e-5).
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +15,7 @@ import pytest
 import torch
 
 from flyp_ray.finetune.loss import FlypLoss
+from tests.support.numeric import default_dtype
 
 SAME = 1e-12  # float64: rounding is ~1e-16 of a value; any real difference is >1e-4 of it
 E = math.e
@@ -65,17 +64,6 @@ GLOBAL_BATCH = 8
 CASES = [(mode, False) for mode in ("negative", "mask", "positive")] + [("positive", True)]
 
 
-@contextlib.contextmanager
-def _float64() -> Iterator[None]:
-    """Models built inside are float64: open_clip makes its weights in torch's default dtype."""
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(before)
-
-
 def _batch(tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(1)
     images = torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=gen).double()
@@ -106,7 +94,7 @@ def _tiny_model(arch: str) -> torch.nn.Module:
     from flyp_ray.finetune.model import load_model
 
     torch.manual_seed(0)
-    with _float64():
+    with default_dtype():
         return load_model(ModelConfig(arch=arch, pretrained=None)).model
 
 

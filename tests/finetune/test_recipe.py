@@ -32,10 +32,8 @@ reference in some parameter.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +49,7 @@ from flyp_ray.finetune.loop import loss_step, optimizer_step
 from flyp_ray.finetune.model import tiny_config_path
 from flyp_ray.finetune.optim import lr_factor, param_groups
 from flyp_ray.finetune.run import build_run
+from tests.support.numeric import default_dtype
 
 EPOCHS, BATCH, IMAGES = 3, 16, 160  # 10 steps an epoch, 30 in all
 STEPS = EPOCHS * IMAGES // BATCH
@@ -63,18 +62,6 @@ APART = 1e-4  # what the other recipe must at least differ by: the check is not 
 
 Result = tuple[list[float], dict[str, torch.Tensor]]  # the losses of every step, final weights
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
-
-
-@contextlib.contextmanager
-def _float64() -> Iterator[None]:
-    """Models built (and stepped) inside are float64: open_clip makes its parameters and buffers
-    in torch's default dtype, and a checkpoint's float32 values load into them exactly."""
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(before)
 
 
 def _tiny_vit() -> str:
@@ -136,7 +123,7 @@ def _clip_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
 def _reference(recipe: str, start: dict[str, torch.Tensor], batches: Batches,
                texts: list[torch.Tensor]) -> Result:
     """The reference's training steps in one process, from ``start``, in float64."""
-    with _float64():
+    with default_dtype():
         model = open_clip.create_model(_tiny_vit(), output_dict=True)
     model.load_state_dict(start)
     model.train()
@@ -201,7 +188,7 @@ def _steps(run: Any, batches: Batches, rank: int = 0, world: int = 1) -> Result:
 @functools.cache
 def _project(recipe: str, start: str) -> Result:
     _, batches, _, _ = _setup()
-    with _float64():
+    with default_dtype():
         run = build_run(config.from_dict(_raw(recipe, start)), torch.device("cpu"))
         weights = torch.load(start, weights_only=True)
         for name, value in unwrap(run.model).state_dict().items():
@@ -243,7 +230,7 @@ def _gaps(ours: Result, reference: Result, *, skip_key_bias: bool = False) -> tu
 def _outputs(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The model's image and text features and logit scale on the first batch and its prompts."""
     _, batches, classnames, templates = _setup()
-    with _float64():
+    with default_dtype():
         model = open_clip.create_model(_tiny_vit(), output_dict=True)
     model.load_state_dict(state)
     images, labels = batches[0]
@@ -320,12 +307,12 @@ def _worker(loop_config: dict[str, Any]) -> None:
     from flyp_ray.distributed.worker import worker_run
 
     torch.set_num_threads(1)
-    ctx = ray.train.get_context()  # float64 as in the one-process runs (_float64, below)
+    ctx = ray.train.get_context()  # float64 as in the one-process runs (default_dtype, below)
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     batches = torch.load(loop_config["batches"], weights_only=True)
     results = {}
     for recipe, start in loop_config["cases"]:
-        with _float64():
+        with default_dtype():
             run = worker_run(config.from_dict(_raw(recipe, loop_config["starts"][start], world)))
             results[f"{recipe}-{start}"] = _steps(run, batches, rank, world)
     torch.save(results, Path(loop_config["out"]) / f"rank{rank}.pt")

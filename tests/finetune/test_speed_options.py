@@ -12,7 +12,6 @@ size, and ``SAME`` (1e-9) still catches any real change. bf16 is compared with f
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 from collections.abc import Iterator
@@ -41,6 +40,7 @@ from flyp_ray.finetune.model import LoadedModel, load_model, tiny_config_path
 from flyp_ray.finetune.run import Run, loader_workers
 from flyp_ray.finetune.run import make_run as build_run_state
 from tests.support.configs import named
+from tests.support.numeric import default_dtype
 
 CPU = torch.device("cpu")
 SPLITS = ("train", "id_val", "ood_test")
@@ -78,17 +78,6 @@ def csv_cfg(root: Path, **kw: object) -> DatasetConfig:
     return DatasetConfig(name="csv", root=str(root),  # type: ignore[arg-type]
                          classnames=str(root / "classnames.txt"),
                          templates=["a photo of a {}.", "a picture of a {}."], **kw)
-
-
-@contextlib.contextmanager
-def default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    """open_clip makes a model's weights in torch's default dtype: float64 ones inside."""
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(before)
 
 
 def fresh_model(tiny: LoadedModel, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
