@@ -144,17 +144,23 @@ def test_a_better_challenger_moves_champion_and_the_old_one_is_previous(models: 
     assert version_tags(cfg, good)["promotion.decision"] == "promoted"
 
 
-def test_a_min_delta_it_cannot_reach_keeps_the_champion(models: Models) -> None:
-    # Accuracy cannot rise by more than 1.0: the better model cannot win this.
-    cfg = named(models, "unreachable", min_delta=1.0)
+def good_after_plain(cfg: config.Config, models: Models) -> tuple[str, str, promotion.Decision]:
+    """``plain`` registered and made champion, then ``good`` registered and decided on: the
+    better model in distribution as the challenger of the worse (checked here)."""
     plain = register(cfg, models, "plain")
     promotion.promote(cfg, plain)
     good = register(cfg, models, "good")
-
     decision = promotion.promote(cfg, good)
+    assert decision.challenger_values["id_val/acc"] > decision.champion_values["id_val/acc"]
+    return plain, good, decision
+
+
+def test_a_min_delta_it_cannot_reach_keeps_the_champion(models: Models) -> None:
+    # Accuracy cannot rise by more than 1.0: the better model cannot win this.
+    cfg = named(models, "unreachable", min_delta=1.0)
+    plain, good, decision = good_after_plain(cfg, models)
 
     assert decision.decision == "kept"
-    assert decision.challenger_values["id_val/acc"] > decision.champion_values["id_val/acc"]
     assert aliases(cfg) == {"champion": plain, "challenger": good}
     assert "id_val/acc 1 does not beat the champion's" in decision.why
     assert "by more than min_delta 1" in decision.why
@@ -162,15 +168,10 @@ def test_a_min_delta_it_cannot_reach_keeps_the_champion(models: Models) -> None:
 
 def test_a_guarded_ood_drop_keeps_the_champion(models: Models) -> None:
     cfg = named(models, "guarded", guard={"ood_test/acc": 0.01})
-    plain = register(cfg, models, "plain")
-    promotion.promote(cfg, plain)
-    good = register(cfg, models, "good")
-
-    decision = promotion.promote(cfg, good)
+    plain, good, decision = good_after_plain(cfg, models)
 
     # Better in distribution (the test above promotes it), but it loses OOD accuracy.
     assert decision.decision == "kept"
-    assert decision.challenger_values["id_val/acc"] > decision.champion_values["id_val/acc"]
     drop = decision.champion_values["ood_test/acc"] - decision.challenger_values["ood_test/acc"]
     assert drop > 0.01
     assert f"worse by {drop:.6g}, more than its allowance 0.01" in decision.why
