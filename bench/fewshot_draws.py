@@ -84,7 +84,7 @@ def in_a_row(cfg: Config, name: str) -> tuple[float, float]:
 
 def side_by_side(cfg: Config, name: str) -> tuple[float, float]:
     start = time.perf_counter()
-    outcome = trainer.train(cfg, name=name, log_model=False)
+    outcome = draws.train(cfg, name=name, log_model=False)
     return time.perf_counter() - start, outcome.metrics["id_val/acc"]
 
 

@@ -237,11 +237,18 @@ def outcome(cfg: Config, name: str, run_id: str | None, drawn: Drawn) -> trainer
         mlflow_run_id=run_id)
 
 
-def train(cfg: Config, name: str, parent_run_id: str | None = None,
-          tags: Mapping[str, str] | None = None, log_model: bool = True,
-          data: DataDigest | None = None) -> trainer.TrainOutcome:
-    """:func:`flyp_ray.distributed.trainer.train` for ``train.repeats`` > 1: one MLflow run
-    with each epoch's mean over the draws (``step=epoch``), the draws' runs nested under it."""
+def train(cfg: Config, name: str | None = None, resume_from: str | None = None,
+          parent_run_id: str | None = None, tags: Mapping[str, str] | None = None,
+          log_model: bool = True, data: DataDigest | None = None) -> trainer.TrainOutcome:
+    """One run (:func:`flyp_ray.distributed.trainer.train`, the same arguments), or with
+    ``train.repeats`` > 1 its draws side by side: one MLflow run with each epoch's mean over the
+    draws (``step=epoch``), the draws' runs nested under it."""
+    if cfg.train.repeats == 1:
+        return trainer.train(cfg, name, resume_from, parent_run_id, tags, log_model, data)
+    if resume_from is not None:
+        raise FlypRayError("--resume-from takes one run's checkpoint; a run of "
+                           f"{cfg.train.repeats} draws resumes by its --name")
+    name = name or trainer.new_name(cfg)
     data = data if data is not None else inputs.measure(cfg)
     run_id = trainer.find_or_start_run(cfg, name, parent_run_id, tags or {})
     inputs.log_data(cfg.tracking.uri, run_id, data)

@@ -137,18 +137,10 @@ def train(cfg: Config, name: str | None = None, resume_from: str | None = None,
     that already finished (a driver restarted after it) is read back from storage: nothing is
     trained or logged again. ``data`` is the data set's digest where the caller (a search)
     has it; else it is computed here, once, and the run records it as its dataset inputs.
-    With ``train.repeats`` > 1 the draws are Train runs of their own, side by side
-    (:func:`flyp_ray.distributed.draws.train`); ``draw`` and ``callbacks`` are one draw's.
+    One draw of a few-shot run (:mod:`flyp_ray.distributed.draws`, which ``train.repeats`` > 1
+    goes through) passes its number as ``draw`` and its reports' listener as ``callbacks``.
     """
     name = name or new_name(cfg)
-    if cfg.train.repeats > 1:
-        # Imported here: draws drives this module's runs (a module-level import is a circle).
-        from flyp_ray.distributed import draws
-
-        if resume_from is not None:
-            raise FlypRayError("--resume-from takes one run's checkpoint; a run of "
-                               f"{cfg.train.repeats} draws resumes by its --name")
-        return draws.train(cfg, name, parent_run_id, tags, log_model, data)
     done = finished(cfg, name, parent_run_id, tags)
     if done is not None:
         return done

@@ -87,8 +87,8 @@ def train_seeded(cfg: Config, seeded: Seeded, parent_run_id: str, storage: str,
     started = time.monotonic()
     try:
         # Only the champion's model is logged (by the search, once the means are known).
-        outcome = trainer.train(seed_cfg, name=seeded.name, parent_run_id=parent_run_id,
-                                tags=tags, log_model=False, data=data)
+        outcome = draws.train(seed_cfg, name=seeded.name, parent_run_id=parent_run_id,
+                              tags=tags, log_model=False, data=data)
     except Exception as err:  # noqa: BLE001 - one failed seed must not cost the others
         log.error("re-check %s failed: %s", seeded.name, first_line(err))
         return {"error": first_line(err), "seconds": time.monotonic() - started}

@@ -15,7 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from flyp_ray.config import from_dict
-from flyp_ray.distributed import draws, trainer
+from flyp_ray.distributed import draws
 from flyp_ray.search import compare
 from flyp_ray.tracking import registry, runs
 from tests.support.configs import tiny_config
@@ -93,7 +93,7 @@ def test_few_shot_repeats_report_mean_and_std(
     raw = wilds_config(tmp_path, wilds_root, train={"k_shot": 1, "repeats": 2, "batch_size": 4,
                                                     "wiseft_alphas": None})
     cfg = from_dict(raw, str(tmp_path / "fewshot.yaml"))
-    outcome = trainer.train(cfg)
+    outcome = draws.train(cfg)
     metrics = outcome.metrics
     assert metrics["repeats"] == 2 and "id_val/acc_std" in metrics
     # Each draw is a run nested under the train run; the outcome is the mean of the draws'
