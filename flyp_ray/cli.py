@@ -290,13 +290,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args)  # first: bad YAML is reported before the heavy imports below
     cluster.check_address()
     from flyp_ray import preflight
-    from flyp_ray.distributed import trainer
+    from flyp_ray.distributed import draws
     from flyp_ray.finetune import checkpoint
 
     resume_from = checkpoint.resume_source(args.resume_from) if args.resume_from else None
     preflight.report(preflight.check(cfg, search=False))
     cluster.init_ray(cfg)
-    outcome = trainer.train(cfg, name=args.name, resume_from=resume_from)
+    outcome = draws.train(cfg, name=args.name, resume_from=resume_from)
     from flyp_ray.search import report
 
     print_result(args, outcome.as_json(), report.train_text(cfg, outcome))

@@ -1,13 +1,13 @@
 """Few-shot training sets: K images per class, drawn with a seed, for any number of classes.
 
 A draw is a function of (labels, K, seed) only, so every worker of a run, and a resumed run,
-trains on the same images. ``train.repeats`` draws again with seeds ``seed, seed + 1, ...``.
+trains on the same images. ``train.repeats`` draws again with seeds ``seed, seed + 1, ...``,
+each draw a Train run of its own (:mod:`flyp_ray.distributed.draws`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -55,25 +55,3 @@ def few_shot(data: Data, k: int | None, seed: int) -> Data:
     train = dataclasses.replace(split, dataset=Drawn(split.dataset, kept.tolist()),
                                 labels=split.labels[kept], groups=groups, official_eval=None)
     return dataclasses.replace(data, splits={**data.splits, "train": train})
-
-
-def mean_std(finals: Sequence[Mapping[str, float]]) -> tuple[dict[str, float],
-                                                           dict[str, float]]:
-    """Mean and sample standard deviation (0 for one value) of each metric every repeat has."""
-    if not finals:
-        return {}, {}
-    keys = [k for k in finals[0] if all(k in f for f in finals)]
-    values = {k: torch.tensor([f[k] for f in finals], dtype=torch.float64) for k in keys}
-    return ({k: float(v.mean()) for k, v in values.items()},
-            {k: float(v.std()) if len(v) > 1 else 0.0 for k, v in values.items()})
-
-
-def summarise(finals: list[dict[str, float]]) -> dict[str, float]:
-    """Mean of each metric over the repeats, and its standard deviation as ``{name}_std``."""
-    mean, std = mean_std(finals)
-    out: dict[str, float] = {"repeats": float(len(finals))}
-    for key, value in mean.items():
-        out[key] = value
-        if key != "epoch":
-            out[f"{key}_std"] = std[key]
-    return out

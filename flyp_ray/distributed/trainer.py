@@ -20,7 +20,7 @@ from ray.train.torch import TorchTrainer
 
 from flyp_ray.config import Config, best_first, objectives
 from flyp_ray.distributed import verbosity
-from flyp_ray.distributed.contract import MLFLOW_RUN, RESUME_FROM, clock
+from flyp_ray.distributed.contract import DRAW, MLFLOW_RUN, RESUME_FROM, clock
 from flyp_ray.errors import FlypRayError
 from flyp_ray.finetune import wiseft
 from flyp_ray.tracking import inputs, runs
@@ -68,9 +68,10 @@ def scaling(cfg: Config) -> ScalingConfig:
 
 
 def build_trainer(cfg: Config, name: str, *, mlflow_run_id: str | None = None,
-                  resume_from: str | None = None,
-                  callbacks: list[Any] | None = None) -> TorchTrainer:
-    """A TorchTrainer for ``cfg``, checkpointing every epoch and keeping the best and latest."""
+                  resume_from: str | None = None, callbacks: list[Any] | None = None,
+                  draw: int = 0) -> TorchTrainer:
+    """A TorchTrainer for ``cfg``, checkpointing every epoch and keeping the best and latest;
+    ``draw`` numbers its few-shot draw (:mod:`flyp_ray.distributed.draws`)."""
     metric, mode = selection(cfg)
     run_config = RunConfig(
         name=name,
@@ -86,7 +87,8 @@ def build_trainer(cfg: Config, name: str, *, mlflow_run_id: str | None = None,
         logging_config=LoggingConfig(  # type: ignore[call-arg]
             log_level=verbosity.train_log_level()),
     )
-    loop_config = {"config": cfg, MLFLOW_RUN: mlflow_run_id, RESUME_FROM: resume_from}
+    loop_config = {"config": cfg, MLFLOW_RUN: mlflow_run_id, RESUME_FROM: resume_from,
+                   DRAW: draw}
     return TorchTrainer(train_loop_per_worker, train_loop_config=loop_config,
                         scaling_config=scaling(cfg), run_config=run_config)
 
@@ -125,7 +127,8 @@ def new_name(cfg: Config) -> str:
 
 def train(cfg: Config, name: str | None = None, resume_from: str | None = None,
           parent_run_id: str | None = None, tags: Mapping[str, str] | None = None,
-          log_model: bool = True, data: DataDigest | None = None) -> TrainOutcome:
+          log_model: bool = True, data: DataDigest | None = None, draw: int = 0,
+          callbacks: list[Any] | None = None) -> TrainOutcome:
     """One finetuning run with the config's fixed values, tracked as one MLflow run.
 
     ``parent_run_id`` nests that run under another (a ``compare`` or ``search`` run), and
@@ -134,18 +137,21 @@ def train(cfg: Config, name: str | None = None, resume_from: str | None = None,
     that already finished (a driver restarted after it) is read back from storage: nothing is
     trained or logged again. ``data`` is the data set's digest where the caller (a search)
     has it; else it is computed here, once, and the run records it as its dataset inputs.
+    One draw of a few-shot run (:mod:`flyp_ray.distributed.draws`, which ``train.repeats`` > 1
+    goes through) passes its number as ``draw`` and its reports' listener as ``callbacks``.
     """
     name = name or new_name(cfg)
     done = finished(cfg, name, parent_run_id, tags)
     if done is not None:
         return done
     data = data if data is not None else inputs.measure(cfg)
-    run_id = _find_or_start_run(cfg, name, parent_run_id, tags or {})
+    run_id = find_or_start_run(cfg, name, parent_run_id, tags or {})
     inputs.log_data(cfg.tracking.uri, run_id, data)
     log.info("Ray Train run %s under %s; MLflow run %s", name, storage_path(cfg), run_id)
     try:
         # Rebuilding a trainer with the same name restores the run from its last checkpoint.
-        result = build_trainer(cfg, name, mlflow_run_id=run_id, resume_from=resume_from).fit()
+        result = build_trainer(cfg, name, mlflow_run_id=run_id, resume_from=resume_from,
+                               callbacks=callbacks, draw=draw).fit()
     except Exception:
         runs.end_run(cfg.tracking.uri, run_id, "FAILED")
         raise
@@ -156,7 +162,7 @@ def train(cfg: Config, name: str | None = None, resume_from: str | None = None,
                            f"{int(latest['epoch'])}; see MLflow run {run_id}")
     outcome, best = _outcome(cfg, result, run_id)
     if log_model:
-        _log_model(cfg, run_id, best)
+        log_selected_model(cfg, run_id, best)
     runs.set_tags(cfg.tracking.uri, run_id, {"flyp_ray.best_epoch": outcome.best_epoch})
     runs.end_run(cfg.tracking.uri, run_id)
     return outcome
@@ -210,7 +216,7 @@ def _run_tags(name: str, parent_run_id: str | None,
     return tags
 
 
-def _find_or_start_run(cfg: Config, name: str, parent_run_id: str | None,
+def find_or_start_run(cfg: Config, name: str, parent_run_id: str | None,
                        extra: Mapping[str, str]) -> str:
     """The MLflow run of Ray run ``name``: reused when the driver restarts, else created."""
     tags = _run_tags(name, parent_run_id, extra)
@@ -218,7 +224,7 @@ def _find_or_start_run(cfg: Config, name: str, parent_run_id: str | None,
     return found or runs.start_run(cfg, name, tags)
 
 
-def _log_model(cfg: Config, run_id: str, best: ray.train.Checkpoint) -> None:
+def log_selected_model(cfg: Config, run_id: str, best: ray.train.Checkpoint) -> None:
     """Log the selected epoch's weights as an MLflow model of the run (never raises)."""
     # Imported here: it brings open_clip and the data loaders, which a search's trial
     # processes (they build trainers, never log models) need not import.

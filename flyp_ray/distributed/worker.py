@@ -26,8 +26,7 @@ import ray.train.torch
 import ray.util
 
 from flyp_ray.config import Config, objectives
-from flyp_ray.data import fewshot
-from flyp_ray.distributed.contract import MLFLOW_RUN, PLACEMENT_GROUP, RESUME_FROM, clock
+from flyp_ray.distributed.contract import DRAW, MLFLOW_RUN, PLACEMENT_GROUP, RESUME_FROM, clock
 from flyp_ray.errors import ConfigError, TrialDiverged
 from flyp_ray.finetune import checkpoint, wiseft
 from flyp_ray.finetune.evaluate import unwrap
@@ -284,7 +283,8 @@ def train_loop_per_worker(loop_config: dict[str, Any], *, called: float | None =
     imported = imported if imported is not None else called
     cfg: Config = loop_config["config"]
     run_id: str | None = loop_config.get(MLFLOW_RUN)
-    run = worker_run(cfg)
+    # A few-shot draw (train.repeats) is a run of its own: its number seeds the images kept.
+    run = worker_run(cfg, int(loop_config.get(DRAW, 0)))
     restoring = time.perf_counter()
     start = restore(run, start_from(loop_config.get(RESUME_FROM)))
     run.timings["restore"] = time.perf_counter() - restoring
@@ -300,10 +300,7 @@ def train_loop_per_worker(loop_config: dict[str, Any], *, called: float | None =
         last[0] = epoch
 
     try:
-        if cfg.train.repeats > 1:
-            run = train_repeats(run, cfg, checkpoints, run_id)
-        else:
-            run_epochs(run, start, report_epoch, readings)
+        run_epochs(run, start, report_epoch, readings)
         checkpoints.wait()
         if readings is not None:
             readings.close()
@@ -343,38 +340,3 @@ def startup_line(called: float, imported: float, timings: dict[str, float]) -> s
     total = clock() - (started if started is not None else called)
     shown = ", ".join(f"{name} {s:.1f} s" for name, s in parts.items() if s is not None)
     return f"start-up: {total:.1f} s before the first step ({shown})"
-
-
-def train_repeats(first: Run, cfg: Config, checkpoints: Checkpoints, run_id: str | None) -> Run:
-    """Train on ``train.repeats`` few-shot draws, one after another; report mean and std once.
-
-    Each draw's epochs go to MLflow as ``repeat/{draw}/...``; Ray sees one report, at the last
-    epoch, with the mean of the draws' final metrics and ``{name}_std``, and the last draw's
-    weights. A restarted worker group starts the draws again.
-    """
-    finals = []
-    run = first
-    for draw in range(cfg.train.repeats):
-        run = first if draw == 0 else worker_run(cfg, draw)
-        finals.append(train_draw(run, cfg, run_id, draw))
-    summary = fewshot.summarise(finals)
-    report(run, cfg, checkpoints, int(summary["epoch"]), summary)
-    return run
-
-
-def train_draw(run: Run, cfg: Config, run_id: str | None, draw: int) -> dict[str, float]:
-    """One few-shot draw's whole training, logged under ``repeat/{draw}/``; its last metrics."""
-    final: dict[str, float] = {}
-
-    def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
-        if run.rank == 0 and run_id is not None:
-            runs.log_metrics(cfg.tracking.uri, run_id,
-                                 {f"repeat/{draw}/{k}": v for k, v in metrics.items()}, step=epoch)
-        final.clear()
-        final.update(metrics)
-
-    readings = progress_log(run, cfg, run_id, f"repeat/{draw}/perf/")
-    run_epochs(run, 0, log_epoch, readings)
-    if readings is not None:
-        readings.close()
-    return final

@@ -99,8 +99,7 @@ def epoch_reports(train: TrainConfig, splits: Mapping[str, SplitFacts]) -> list[
 def reported(train: TrainConfig, splits: Mapping[str, SplitFacts]) -> Reported:
     """The metric names a run of ``train`` on a data set with ``splits`` reports to Ray."""
     reports = epoch_reports(train, splits)
-    if train.repeats > 1:  # one report: the mean of each draw's last metrics, and their std
-        last = reports[-1]
-        reports = [last | {f"{n}_std" for n in last if n != "epoch"} | {"repeats"}]
+    if train.repeats > 1:  # each epoch's mean over the draws, and their std
+        reports = [r | {f"{n}_std" for n in r if n != "epoch"} | {"repeats"} for r in reports]
     return Reported(every=frozenset(set.intersection(*reports)),
                     some=frozenset(set.union(*reports)))

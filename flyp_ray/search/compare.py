@@ -27,7 +27,7 @@ import ray
 import ray.exceptions
 
 from flyp_ray.config import Config, with_train
-from flyp_ray.distributed import trainer, verbosity
+from flyp_ray.distributed import draws, trainer, verbosity
 from flyp_ray.errors import BadInput, first_line
 from flyp_ray.finetune.wiseft import name as alpha_name
 from flyp_ray.search import plots
@@ -85,8 +85,8 @@ def run_method(cfg: Config, method: str, tune: bool, parent_run_id: str, label: 
                                             name=f"{label}-{method}")
             return Row(method, int(summary["num_trials"]), searched_metrics(summary),
                        summary["mlflow_parent_run_id"])
-        outcome = trainer.train(mcfg, name=f"{trainer.new_name(mcfg)}-{method}",
-                                parent_run_id=parent_run_id)
+        outcome = draws.train(mcfg, name=f"{trainer.new_name(mcfg)}-{method}",
+                              parent_run_id=parent_run_id)
         return Row(method, 1, outcome.metrics, outcome.mlflow_run_id)
     except Exception as err:  # noqa: BLE001 - Ray Train's errors share no narrower base
         reason = first_line(err)

@@ -20,11 +20,8 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-import ray
-
 from flyp_ray.config import Config, best_first, objectives, with_train
-from flyp_ray.data import fewshot
-from flyp_ray.distributed import trainer
+from flyp_ray.distributed import draws, side_by_side, trainer
 from flyp_ray.errors import first_line
 from flyp_ray.tracking import runs
 
@@ -90,8 +87,8 @@ def train_seeded(cfg: Config, seeded: Seeded, parent_run_id: str, storage: str,
     started = time.monotonic()
     try:
         # Only the champion's model is logged (by the search, once the means are known).
-        outcome = trainer.train(seed_cfg, name=seeded.name, parent_run_id=parent_run_id,
-                                tags=tags, log_model=False, data=data)
+        outcome = draws.train(seed_cfg, name=seeded.name, parent_run_id=parent_run_id,
+                              tags=tags, log_model=False, data=data)
     except Exception as err:  # noqa: BLE001 - one failed seed must not cost the others
         log.error("re-check %s failed: %s", seeded.name, first_line(err))
         return {"error": first_line(err), "seconds": time.monotonic() - started}
@@ -101,25 +98,12 @@ def train_seeded(cfg: Config, seeded: Seeded, parent_run_id: str, storage: str,
 
 def run_all(cfg: Config, planned: Sequence[Seeded], parent_run_id: str,
             storage: str, data: DataDigest | None = None) -> list[dict[str, Any]]:
-    """Every planned run, at most ``max_concurrent_trials`` at a time; results in plan order.
-
-    Each run is driven by a Ray task of its own that reserves no CPU (its workers reserve
-    theirs) and whose process exits when done, as ``compare`` runs its methods.
-    """
-    task = ray.remote(num_cpus=0, max_retries=0, max_calls=1)(train_seeded)
-    results: dict[ray.ObjectRef, int] = {}
+    """Every planned run, at most ``max_concurrent_trials`` at a time; results in plan order."""
     done = finished_before(cfg, planned, parent_run_id, storage)
-    queue = [(i, seeded) for i, seeded in enumerate(planned) if i not in done]
-    while queue or results:
-        while queue and len(results) < cfg.search.max_concurrent_trials:
-            index, seeded = queue.pop(0)
-            results[task.remote(cfg, seeded, parent_run_id, storage, data)] = index
-        ready, _ = ray.wait(list(results), num_returns=1)
-        for ref in ready:
-            index = results.pop(ref)
-            done[index] = _result(ref)
-            log.info("%s", ended(cfg, planned[index], done[index]))
-    return [done[i] for i in range(len(planned))]
+    jobs = [(cfg, seeded, parent_run_id, storage, data) for seeded in planned]
+    return side_by_side.run_all(
+        train_seeded, jobs, cfg.search.max_concurrent_trials, done=done,
+        ended=lambda index, result: log.info("%s", ended(cfg, planned[index], result)))
 
 
 def ended(cfg: Config, seeded: Seeded, result: Mapping[str, Any]) -> str:
@@ -147,14 +131,6 @@ def finished_before(cfg: Config, planned: Sequence[Seeded], parent_run_id: str,
     return done
 
 
-def _result(ref: ray.ObjectRef) -> dict[str, Any]:
-    try:
-        result: dict[str, Any] = ray.get(ref)
-        return result
-    except ray.exceptions.RayError as err:  # the task's process died
-        return {"error": first_line(err)}
-
-
 def summarise(cfg: Config, planned: Sequence[Seeded],
               results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Per config: its seeds, the mean and standard deviation of every metric over the seeds
@@ -165,7 +141,7 @@ def summarise(cfg: Config, planned: Sequence[Seeded],
     out = []
     for trial_id, pairs in by_trial.items():
         finished = [r["metrics"] for _, r in pairs if "metrics" in r]
-        mean, std = fewshot.mean_std(finished)
+        mean, std = draws.mean_std(finished)
         out.append({
             "trial_id": trial_id,
             "config": pairs[0][0].params,

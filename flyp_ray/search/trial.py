@@ -18,6 +18,7 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallba
 
 from flyp_ray.config import Config, with_train
 from flyp_ray.distributed import trainer
+from flyp_ray.errors import FlypRayError
 from flyp_ray.tracking import inputs, runs
 
 if TYPE_CHECKING:
@@ -39,6 +40,9 @@ def run_trial(config: dict[str, Any], *, base: Config, parent_run_id: str,
                                                  runs.TRIAL_TAG: trial_id})
               or runs.start_trial_run(cfg, parent_run_id, trial_id))
     inputs.log_data(uri, run_id, data)
+    if cfg.train.repeats > 1:
+        run_draws(cfg, trial_id, run_id, data)
+        return
     before = latest_checkpoint(f"{trials_storage}/{trial_id}")
     fit = trainer.build_trainer(cfg, trial_id, mlflow_run_id=run_id,
                                 callbacks=[TuneReportCallback()])
@@ -62,3 +66,26 @@ def latest_checkpoint(run_path: str) -> str | None:
     except RuntimeError:  # Ray's answer when there is no run (or no snapshot of it) yet
         return None
     return result.checkpoint.path if result.checkpoint is not None else None
+
+
+def run_draws(cfg: Config, trial_id: str, run_id: str, data: DataDigest | None) -> None:
+    """A trial of few-shot draws: each a Train run nested under the trial's MLflow run, side by
+    side; each epoch's mean over the draws goes to Tune as soon as every draw has reached it,
+    so that the scheduler can stop the trial (its process, and with it the draws) early."""
+    from flyp_ray.distributed import draws  # Ray's queue: only a trial of draws needs it
+
+    uri = cfg.tracking.uri
+
+    def on_mean(row: dict[str, Any]) -> None:
+        runs.log_metrics(uri, run_id, row, step=int(row["epoch"]))
+        ray.tune.report(row)  # draws.CHECKPOINT is Tune's CHECKPOINT_PATH_KEY
+
+    try:
+        drawn = draws.run_draws(cfg, trial_id, run_id, on_mean, data)
+        failed = [r["error"] for r in drawn.results if "error" in r and drawn.diverged is None]
+        if failed:
+            raise FlypRayError(f"trial {trial_id}: a few-shot draw failed: {failed[0]}")
+    except Exception:
+        runs.end_run(uri, run_id, "FAILED")
+        raise
+    runs.end_run(uri, run_id)

@@ -142,20 +142,23 @@ class FreeStoppedWorkers(ray.tune.Callback):
 
 
 def free_workers(result: Mapping[str, Any]) -> None:
-    """Remove the placement group a trial's workers reported, if it is still held.
+    """Remove the placement groups a trial's workers reported (comma-separated: a trial of
+    few-shot draws has one per draw), if they are still held.
 
     Never raises: an exception in a Tune callback aborts the whole search.
     """
-    group_hex = result.get(PLACEMENT_GROUP)
-    if not isinstance(group_hex, str):
+    groups = result.get(PLACEMENT_GROUP)
+    if not isinstance(groups, str):
         return
-    try:
-        if ray.util.placement_group_table().get(group_hex, {}).get("state") == "CREATED":
-            group_id = ray.PlacementGroupID(bytes.fromhex(group_hex))
-            remove_placement_group(PlacementGroup(group_id))
-            log.debug("freed the workers of an ended trial (placement group %s)", group_hex[:8])
-    except Exception as err:  # noqa: BLE001 - see the docstring
-        log.warning("could not free placement group %s: %s", group_hex[:8], err)
+    for group_hex in groups.split(","):
+        try:
+            if ray.util.placement_group_table().get(group_hex, {}).get("state") == "CREATED":
+                group_id = ray.PlacementGroupID(bytes.fromhex(group_hex))
+                remove_placement_group(PlacementGroup(group_id))
+                log.debug("freed the workers of an ended trial (placement group %s)",
+                          group_hex[:8])
+        except Exception as err:  # noqa: BLE001 - see the docstring
+            log.warning("could not free placement group %s: %s", group_hex[:8], err)
 
 
 def scheduler(cfg: Config) -> TrialScheduler | None:

@@ -19,7 +19,7 @@ import torch
 from flyp_ray.config import Config, from_dict
 from flyp_ray.data import fewshot
 from flyp_ray.data.load import inspect_data
-from flyp_ray.distributed import worker
+from flyp_ray.distributed import draws, worker
 from flyp_ray.errors import DataError
 from flyp_ray.finetune import checkpoint, loop, probe, reports, wiseft
 from flyp_ray.finetune.evaluate import unwrap
@@ -197,7 +197,7 @@ def test_k_shot_training_split_and_repeat_summary(tmp_path: Path, wilds_root: Pa
     train = run.data.splits["train"]
     assert len(train.labels) == 2 * len(torch.unique(train.labels))
     assert [item[2] for item in train.dataset] == list(range(len(train.labels)))
-    summary = fewshot.summarise([{"epoch": 2, "id_val/acc": 0.5}, {"epoch": 2, "id_val/acc": 0.7}])
+    summary = draws.summarise([{"epoch": 2, "id_val/acc": 0.5}, {"epoch": 2, "id_val/acc": 0.7}])
     assert summary["id_val/acc"] == pytest.approx(0.6)
     assert summary["id_val/acc_std"] == pytest.approx(0.1414, abs=1e-3)
     assert summary["repeats"] == 2 and summary["epoch"] == 2
@@ -209,21 +209,21 @@ def test_k_shot_training_split_and_repeat_summary(tmp_path: Path, wilds_root: Pa
     {"method": "ce", "eval_splits": ["id_val"]},
     {"method": "lpft", "wiseft_alphas": [0.5], "eval_splits": ["id_val", "ood_val"]},
     {"method": "flyp", "wiseft_alphas": [0.0, 1.0]},
-    {"method": "flyp", "repeats": 2, "k_shot": 2, "epochs": 1},
+    {"method": "flyp", "repeats": 2, "k_shot": 2, "epochs": 2},
 ], ids=["zeroshot", "lp-wiseft", "ce-eval-splits", "lpft", "flyp-wiseft", "flyp-repeats"])
 def test_the_names_validate_knows_are_what_runs_report(tmp_path: Path, wilds_root: Path,
                                                        train: dict[str, Any]) -> None:
     # validate checks search metrics against reports.reported: it must be exactly this.
     cfg = config(tmp_path, wilds_root, **train)
     expected = reports.reported(cfg.train, inspect_data(cfg.dataset, cfg.source).splits)
-    if cfg.train.repeats > 1:  # as worker.train_repeats reports: once, the draws summarised
-        draws: list[dict[str, float]] = []
+    if cfg.train.repeats > 1:  # as a run of draws reports: each epoch, the draws summarised
+        per_draw: list[list[dict[str, float]]] = []
         for draw in range(cfg.train.repeats):
             epochs: list[dict[str, float]] = []
             loop.run_epochs(build_run(cfg, CPU, draw=draw), 0,
                             lambda epoch, metrics, into=epochs: into.append(metrics))
-            draws.append(epochs[-1])
-        reported = [fewshot.summarise(draws)]
+            per_draw.append(epochs)
+        reported = [draws.summarise(rows) for rows in zip(*per_draw, strict=True)]
     else:
         reported = run_to_end(cfg)
     names = [{reports.pattern(k) for k in metrics} for metrics in reported]

@@ -15,7 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from flyp_ray.config import from_dict
-from flyp_ray.distributed import trainer
+from flyp_ray.distributed import draws
 from flyp_ray.search import compare
 from flyp_ray.tracking import registry, runs
 from tests.support.configs import tiny_config
@@ -93,13 +93,23 @@ def test_few_shot_repeats_report_mean_and_std(
     raw = wilds_config(tmp_path, wilds_root, train={"k_shot": 1, "repeats": 2, "batch_size": 4,
                                                     "wiseft_alphas": None})
     cfg = from_dict(raw, str(tmp_path / "fewshot.yaml"))
-    outcome = trainer.train(cfg)
+    outcome = draws.train(cfg)
     metrics = outcome.metrics
     assert metrics["repeats"] == 2 and "id_val/acc_std" in metrics
+    # Each draw is a run nested under the train run; the outcome is the mean of the draws'
+    # values at the selected epoch, which the train run holds per epoch.
     client = MlflowClient(tracking_uri=cfg.tracking.uri)
-    logged = client.get_run(outcome.mlflow_run_id).data.metrics
-    draws = [logged[f"repeat/{d}/id_val/acc"] for d in (0, 1)]
-    assert metrics["id_val/acc"] == pytest.approx(sum(draws) / 2)
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+    found = client.search_runs(
+        [experiment], f"tags.`{runs.PARENT_TAG}` = '{outcome.mlflow_run_id}'")
+    assert sorted(r.data.tags[draws.DRAW_TAG] for r in found) == ["0", "1"]
+    epoch = outcome.best_epoch
+    values = [next(m.value for m in client.get_metric_history(r.info.run_id, "id_val/acc")
+                   if m.step == epoch) for r in found]
+    assert metrics["id_val/acc"] == pytest.approx(sum(values) / 2)
+    logged = {m.step: m.value
+              for m in client.get_metric_history(outcome.mlflow_run_id, "id_val/acc")}
+    assert logged[epoch] == pytest.approx(metrics["id_val/acc"])
 
 
 def test_a_rechecked_search_gives_its_champions_mean() -> None:

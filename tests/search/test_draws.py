@@ -1,0 +1,93 @@
+"""Few-shot draws side by side: a real search (Ray Tune + Optuna + Ray Train, MLflow) whose
+trial trains ``train.repeats`` draws as Train runs of their own, and the means in one process."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+import pytest
+import ray.tune
+from mlflow.tracking import MlflowClient
+
+from flyp_ray import config
+from flyp_ray.distributed import draws
+from flyp_ray.search import tune
+from flyp_ray.tracking import runs
+from tests.support.configs import tiny_config, write_config
+
+EPOCHS = 2
+
+
+@pytest.mark.slow
+def test_a_trial_of_two_draws_reports_each_epochs_mean_to_tune(
+        ray_session: None, tmp_path: Path) -> None:
+    raw = tiny_config(tmp_path, dataset={"subsample": 64},
+                      train={"epochs": EPOCHS, "batch_size": 8, "k_shot": 4, "repeats": 2,
+                             "warmup_steps": 1},
+                      search={"num_samples": 1, "max_concurrent_trials": 1,
+                              "scheduler": {"type": "none"}},
+                      resources={"workers": 1, "cpus_per_worker": 0.5, "max_failures": 0})
+    cfg = config.load(write_config(tmp_path / "c.yaml", raw))
+    summary = tune.run_search(cfg)
+    assert summary["num_completed"] == 1
+
+    # Each draw is an MLflow run nested under the trial's, tagged with its kind and number.
+    client = MlflowClient(cfg.tracking.uri)
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+    trial_run = runs.find_run(cfg.tracking.uri, cfg.tracking.experiment,
+                              {runs.PARENT_TAG: summary["mlflow_parent_run_id"],
+                               runs.TRIAL_TAG: summary["best_trial_id"]})
+    found = client.search_runs([experiment], f"tags.`{runs.PARENT_TAG}` = '{trial_run}'")
+    assert sorted((r.data.tags[runs.KIND_TAG], r.data.tags[draws.DRAW_TAG]) for r in found) \
+        == [("draw", "0"), ("draw", "1")]
+    assert {r.info.status for r in found} == {"FINISHED"}
+    by_draw = sorted(found, key=lambda r: r.data.tags[draws.DRAW_TAG])
+    history = [{int(m.step): m.value for m in client.get_metric_history(r.info.run_id,
+                                                                       "id_val/acc")}
+               for r in by_draw]
+
+    # Tune got one report per epoch: the mean over the draws of that epoch, and its std.
+    frame = ray.tune.ExperimentAnalysis(summary["search_path"]).trial_dataframes[
+        summary["best_trial_id"]]
+    rows = frame.sort_values("epoch").to_dict("records")
+    assert [int(r["epoch"]) for r in rows] == list(range(1, EPOCHS + 1))
+    for row in rows:
+        values = [h[int(row["epoch"])] for h in history]
+        assert row["repeats"] == 2
+        assert row["id_val/acc"] == pytest.approx(statistics.mean(values))
+        assert row["id_val/acc_std"] == pytest.approx(statistics.stdev(values))
+    # The trial's own run holds the means per epoch, and the summary the selected epoch's.
+    means = client.get_metric_history(trial_run, "id_val/acc")
+    assert sorted(int(m.step) for m in means) == list(range(1, EPOCHS + 1))
+    best = summary["best_metrics"]
+    assert "id_val/acc_std" in best
+    assert best["id_val/acc"] == pytest.approx(max(r["id_val/acc"] for r in rows))
+    # Its checkpoint is the one of the draw best at that epoch, kept in the draws' folder.
+    checkpoint = Path(summary["best_checkpoint"])
+    assert checkpoint.parent.parent.name.endswith("-draws") and checkpoint.is_dir()
+
+
+# --- in one process ------------------------------------------------------------------------
+
+
+def test_an_epochs_mean_waits_for_every_draw(tmp_path: Path) -> None:
+    cfg = config.load(write_config(tmp_path / "c.yaml", tiny_config(
+        tmp_path, train={"epochs": 3, "repeats": 2, "k_shot": 1})))
+    means = draws.Means(cfg)
+    means.add(0, {"epoch": 1, "id_val/acc": 0.5, "checkpoint_path": "a1",
+                  "placement_group": "aa"})
+    means.add(0, {"epoch": 2, "id_val/acc": 0.6, "checkpoint_path": "a2"})
+    assert means.ready() == []  # draw 1 has reached no epoch yet
+    means.add(1, {"epoch": 1, "id_val/acc": 0.7, "checkpoint_path": "b1",
+                  "placement_group": "bb"})
+    (first,) = means.ready()
+    assert first["id_val/acc"] == pytest.approx(0.6)
+    assert first["id_val/acc_std"] == pytest.approx(statistics.stdev([0.5, 0.7]))
+    assert first["repeats"] == 2 and first["epoch"] == 1
+    assert first["checkpoint_path"] == "b1"  # the draw best at that epoch
+    assert first["placement_group"] == "aa,bb"  # every draw's workers, to free
+    assert means.ready() == []  # given once
+    means.add(1, {"epoch": 2, "diverged": 1.0, "id_val/acc": 0.0})
+    assert means.ready() == [] and means.diverged is not None
+    assert means.diverged["repeats"] == 2
