@@ -740,7 +740,7 @@ def load(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     raw = _resolve_paths(raw, path.parent)
     for item in overrides:
         raw = apply_override(raw, item, source)
-    return from_dict(raw, source)
+    return from_dict(_absolute_sqlite(raw), source)
 
 
 def decode_utf8(data: bytes, source: str, key: str = "", what: str = "") -> str:
@@ -794,6 +794,23 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
                 model = {**model, "arch": str(candidate)}
                 raw = {**raw, "model": model}
     return raw
+
+
+def _absolute_sqlite(raw: dict[str, Any]) -> dict[str, Any]:
+    """``sqlite:///mlflow.db`` as the absolute path MLflow gives it here, in this process's
+    working folder.
+
+    The config travels to Ray workers, whose working folder is Ray's own: left relative, a
+    worker would log to (and create) another database there, and find none of its runs.
+    """
+    tracking = raw.get("tracking")
+    uri = tracking.get("uri") if isinstance(tracking, dict) else None
+    if not isinstance(uri, str) or not uri.startswith("sqlite:///"):
+        return raw
+    path = Path(uri.removeprefix("sqlite:///")).expanduser()
+    if path.is_absolute() or uri.removeprefix("sqlite:///") in ("", ":memory:"):
+        return raw
+    return {**raw, "tracking": {**tracking, "uri": f"sqlite:///{path.resolve()}"}}
 
 
 _TRAIN_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig))

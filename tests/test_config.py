@@ -31,6 +31,20 @@ def test_defaults_and_sections(tmp_path: Path) -> None:
     assert cfg.source.endswith("c.yaml")
 
 
+def test_relative_sqlite_store_is_made_absolute_where_it_was_named(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray workers run in a folder of Ray's: a relative sqlite path must not travel as such."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    relative = load_text(tmp_path, "tracking: {uri: 'sqlite:///mlflow.db'}\n")
+    assert relative.tracking.uri == f"sqlite:///{work / 'mlflow.db'}"
+    override = load_text(tmp_path, "", "tracking.uri=sqlite:///runs/m.db")
+    assert override.tracking.uri == f"sqlite:///{work / 'runs' / 'm.db'}"
+    absolute = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    assert load_text(tmp_path, f"tracking: {{uri: '{absolute}'}}\n").tracking.uri == absolute
+
+
 def test_exponent_without_dot_is_a_float(tmp_path: Path) -> None:
     cfg = load_text(tmp_path, "train: {lr: 1e-5, min_lr: 1e-7}\n")
     assert cfg.train.lr == 1e-5 and isinstance(cfg.train.lr, float)
