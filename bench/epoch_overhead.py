@@ -56,14 +56,18 @@ TRAIN = "train"
 
 
 def bare_child(args: argparse.Namespace) -> None:
-    """The plain open_clip loop; prints one JSON line with its epoch end times."""
+    """The plain open_clip loop; prints one JSON line with its epoch end times.
+
+    Nothing of flyp-ray's data path is used: the synthetic generator's PIL images go through
+    open_clip's own ``preprocess_train`` / ``preprocess_val`` in a Dataset written here, so that
+    a cost flyp-ray's loading adds shows up as a difference instead of being on both sides.
+    """
     started = time.time()
     import open_clip
     import torch
     from torch.utils.data import DataLoader
 
-    from flyp_ray.config import DatasetConfig
-    from flyp_ray.data.load import load_data
+    from flyp_ray.data import synthetic  # the images' generator only: a pure function of an index
     from flyp_ray.finetune.model import resolve_arch
 
     torch.set_num_threads(args.cpus)
@@ -74,45 +78,75 @@ def bare_child(args: argparse.Namespace) -> None:
                                                                        output_dict=True)
     model.to(device)
     tokenizer = open_clip.get_tokenizer(name)
-    data = load_data(DatasetConfig(name="synthetic", subsample=args.subsample), pre_train,
-                     pre_eval, "bench")
-    templates = data.templates
-    tokens = tokenizer([t.format(c) for c in data.classnames for t in templates])
-    tokens = tokens.view(len(data.classnames), len(templates), -1)
-    loader = DataLoader(data.splits["train"].dataset, batch_size=args.batch, shuffle=True,
+    classnames = list(synthetic.CLASSNAMES)
+    splits = {split: Shapes(split, pre_train if split == "train" else pre_eval, args.subsample)
+              for split in synthetic.SPLIT_SIZES}
+    tokens = tokenizer([t.format(c) for c in classnames for t in TEMPLATES])
+    tokens = tokens.view(len(classnames), len(TEMPLATES), -1)
+    loader = DataLoader(splits["train"], batch_size=args.batch, shuffle=True,
                         drop_last=True, pin_memory=device.type == "cuda")
     loss_fn = open_clip.ClipLoss()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
-    ends, cpu_ends, train_s, eval_s = [], [], [], []
+    ends, cpu_ends, train_s, eval_s, wait_s = [], [], [], [], []
     ready = time.time()
     for epoch in range(args.epochs):
         begin = time.perf_counter()
         model.train()
         generator = torch.Generator().manual_seed(epoch)
-        for images, labels, _ in loader:
-            choice = torch.randint(len(templates), (labels.shape[0],), generator=generator)
+        waited, asked = 0.0, time.perf_counter()
+        for images, labels in loader:
+            waited += time.perf_counter() - asked
+            choice = torch.randint(len(TEMPLATES), (labels.shape[0],), generator=generator)
             texts = tokens[labels, choice].to(device, non_blocking=True)
             out = model(images.to(device, non_blocking=True), texts)
             loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            asked = time.perf_counter()
         if device.type == "cuda":
             torch.cuda.synchronize()
         middle = time.perf_counter()
         model.eval()
         with torch.no_grad():
-            head = build_head(open_clip, model, tokenizer, data.classnames, templates, device)
-            for name_, split in data.splits.items():
-                if name_ != "train":
-                    evaluate_split(model, head, split.dataset, args.eval_batch, device)
+            head = build_head(open_clip, model, tokenizer, classnames, list(TEMPLATES), device)
+            for split_name, split in splits.items():
+                if split_name != "train":
+                    evaluate_split(model, head, split, args.eval_batch, device)
         ends.append(time.time())
         cpu_ends.append(time.process_time())
         train_s.append(middle - begin)
         eval_s.append(time.perf_counter() - middle)
+        wait_s.append(waited)
     print(json.dumps({"started": started, "ready": ready, "ends": ends, "cpu_ends": cpu_ends,
-                      "train_s": train_s,
-                      "eval_s": eval_s, "exited": time.time()}))
+                      "train_s": train_s, "eval_s": eval_s, "wait_s": wait_s,
+                      "exited": time.time()}))
+
+
+# The synthetic set's prompt templates (flyp_ray/data/prompts.py), written out: same text work.
+TEMPLATES = ("a photo of a {}.", "a drawing of a {}.", "a {} shape.", "a picture of a {}.")
+
+
+class Shapes:
+    """One synthetic split as ``(transform(image), label)`` items, the first ``limit`` images.
+
+    flyp-ray subsamples a random subset instead; with ``--subsample`` the two see different
+    images of the same count and size, which costs the same.
+    """
+
+    def __init__(self, split: str, transform: Any, limit: int | None) -> None:
+        from flyp_ray.data import synthetic
+
+        self.split, self.transform, self.synthetic = split, transform, synthetic
+        size = synthetic.SPLIT_SIZES[split]
+        count = size if limit is None else min(limit, size)
+        self.labels = [synthetic.draw(split, i).label for i in range(count)]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        return self.transform(self.synthetic.image(self.split, index)), self.labels[index]
 
 
 def build_head(open_clip: Any, model: Any, tokenizer: Any, classnames: list[str],
@@ -127,7 +161,7 @@ def evaluate_split(model: Any, head: Any, dataset: Any, batch: int, device: Any)
     from torch.utils.data import DataLoader
 
     correct = total = 0
-    for images, labels, _ in DataLoader(dataset, batch_size=batch):
+    for images, labels in DataLoader(dataset, batch_size=batch):
         features = model.encode_image(images.to(device), normalize=True)
         predicted = torch.argmax(features @ head, dim=1).cpu()
         correct += int((predicted == labels).sum())
@@ -225,7 +259,8 @@ def run_bare(args: argparse.Namespace) -> dict[str, Any]:
     evaluating, training = sum(out["eval_s"][1:]), sum(out["train_s"][1:])
     share = evaluating / (training + evaluating)
     return {**summarise(out["ends"], wall, args.epochs, eval_share=share), "cpu_s": cpu,
-            "epoch_cpu_s": steady(out["cpu_ends"])}
+            "epoch_cpu_s": steady(out["cpu_ends"]),
+            "data_wait": sum(out["wait_s"][1:]) / training}
 
 
 def train_config(args: argparse.Namespace, folder: Path, trials: int = 0) -> Path:
@@ -268,7 +303,9 @@ def run_train(args: argparse.Namespace, index: int) -> dict[str, Any]:
         history = client.get_metric_history(out["mlflow_run_id"], "epoch")
         ends = [m.timestamp / 1000 for m in sorted(history, key=lambda m: m.step)]
         startup = re.findall(r"start-up: [^\n]*", done.stderr)
+        waits = re.findall(r"data wait (\d+)%", done.stderr)  # the worker's progress lines
         summary = summarise(ends, wall, args.epochs)
+        summary["data_wait"] = int(waits[-1]) / 100 if waits else None
         summary.update(startup=startup[-1] if startup else None, cpu_s=cpu,
                        epoch_cpu_s=steady(cpu_at(samples, ends)))
         return summary
@@ -377,6 +414,13 @@ def compare(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     return out
 
 
+def waited(result: dict[str, Any]) -> str:
+    """The share of training time spent waiting for the loader (the train run's: the last
+    progress line its worker printed)."""
+    share = result.get("data_wait")
+    return f", data wait {100 * share:.0f}%" if share is not None else ""
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", default="flyp-tiny",
@@ -420,7 +464,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
             print(f"repeat {i} {variant:>5}: epoch {result['epoch_s']:.2f} s (gaps {gaps}), "
                   f"wall {result['wall_s']:.1f} s, fixed {result['fixed_s']:.1f} s, "
                   f"CPU {result['cpu_s']:.1f} s, training process CPU per epoch "
-                  f"{result['epoch_cpu_s']:.2f} s", flush=True)
+                  f"{result['epoch_cpu_s']:.2f} s{waited(result)}", flush=True)
             if result.get("startup"):
                 print(f"  {result['startup']}", flush=True)
     out: dict[str, Any] = {"machine": machine(args), "arch": Path(args.arch).stem,

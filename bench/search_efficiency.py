@@ -1,4 +1,4 @@
-"""Epochs Optuna TPE + ASHA spends to come within 1 point of a full grid's best ID-val accuracy.
+"""Epochs TPE + ASHA and PBT spend to come within 1 point of a full grid's best ID-val accuracy.
 
 Both searches train the tiny model on the built-in synthetic data set with the package's loop
 (``loop.run_epochs``, one trial per Ray Tune trial, no Ray Train: what is measured is the search,
@@ -7,6 +7,11 @@ for ``--epochs`` epochs; Ray Tune's ``OptunaSearch`` (TPE) with ``ASHAScheduler`
 ``epoch``) samples the same ranges. Every reported epoch counts as one epoch spent, in the order
 reported; the result is the search's epochs up to its first report within 1 point of the grid's
 best, as a fraction of the grid's epochs (target: at most 25%).
+
+``--pbt-population N`` (default 16: N x ``--epochs`` epochs, about what TPE + ASHA spends in all)
+also runs Tune's ``PopulationBasedTraining`` over the same ranges, perturbing every epoch, as
+``search.scheduler.type: pbt`` does: a trial continued from another's checkpoint takes the new
+values with the same calls a Train worker makes (``optim.adopt_values``, ``apply_temperature``).
 
     python bench/search_efficiency.py                     # 4 x 3 x 2 grid, 4 epochs, 24 samples
     python bench/search_efficiency.py --pretrained --seeds 0,1,2   # from the pre-trained tiny
@@ -19,10 +24,12 @@ import argparse
 import json
 import math
 import os
+import random
 import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
@@ -37,15 +44,17 @@ import ray.tune  # noqa: E402
 import torch  # noqa: E402
 from _common import machine  # noqa: E402
 from ray.tune.logger import JsonLoggerCallback  # noqa: E402
-from ray.tune.schedulers import ASHAScheduler  # noqa: E402
+from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining  # noqa: E402
+from ray.tune.search import BasicVariantGenerator  # noqa: E402
 from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from flyp_ray.config import DatasetConfig, ModelConfig, TrainConfig  # noqa: E402
 from flyp_ray.data.load import load_data  # noqa: E402
-from flyp_ray.finetune import loop, pretrain  # noqa: E402
-from flyp_ray.finetune.model import load_model, tiny_config_path  # noqa: E402
+from flyp_ray.finetune import checkpoint, loop, optim, pretrain  # noqa: E402
+from flyp_ray.finetune.model import apply_temperature, load_model, tiny_config_path  # noqa: E402
 from flyp_ray.finetune.run import make_run, seed_everything  # noqa: E402
+from flyp_ray.search import pbt as flyp_pbt  # noqa: E402
 
 METRIC = "id_val/acc"
 GRID = {"lr": [1e-4, 3e-4, 1e-3, 3e-3], "temperature": [0.02, 0.05, 0.1],
@@ -65,10 +74,32 @@ def trainable(config: dict[str, Any]) -> None:
     loader = DataLoader(data.splits["train"].dataset, batch_size=32, shuffle=True, drop_last=True)
     run = make_run(loaded.model, data, loaded.tokenizer, train, loader, torch.device("cpu"))
 
-    def report(epoch: int, metrics: dict[str, float]) -> None:
-        ray.tune.report({"epoch": epoch, METRIC: metrics[METRIC], "wall": time.time()})
+    start = restore(run, train)
 
-    loop.run_epochs(run, 0, report)
+    def report(epoch: int, metrics: dict[str, float]) -> None:
+        row = {"epoch": epoch, METRIC: metrics[METRIC], "wall": time.time()}
+        if not config.get("pbt"):
+            ray.tune.report(row)
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            checkpoint.save(Path(folder), run.model, run.state, epoch, row)
+            ray.tune.report(row, checkpoint=ray.tune.Checkpoint.from_directory(folder))
+
+    loop.run_epochs(run, start, report)
+
+
+def restore(run: Any, train: TrainConfig) -> int:
+    """The epoch of the checkpoint PBT started this trial on (0: none), loaded with this
+    trial's values taking over, as in a Train worker (``worker.adopt_perturbed``)."""
+    saved = ray.tune.get_checkpoint()
+    if saved is None:
+        return 0
+    with saved.as_directory() as folder:
+        checkpoint.load_weights(folder, run.model)
+        epoch = checkpoint.load_training(Path(folder), run.state)
+    optim.adopt_values(run.state, run.model, train)
+    apply_temperature(run.model, train)
+    return epoch
 
 
 def reports(results: ray.tune.ResultGrid) -> list[tuple[float, float]]:
@@ -103,6 +134,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="start every trial from the pre-trained tiny model "
                         "(flyp_ray.finetune.pretrain)")
     p.add_argument("--concurrent", type=int, default=2)
+    p.add_argument("--pbt-population", type=int, default=16,
+                   help="PBT's population (0: no PBT search)")
     return p.parse_args(argv)
 
 
@@ -120,16 +153,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"grid: best {METRIC} {best:.4f} in {grid_epochs} epochs", flush=True)
         searches = [search(args, fixed, storage, int(seed), best, grid_epochs)
                     for seed in args.seeds.split(",")]
+        populations = [population(args, fixed, storage, int(seed), best, grid_epochs)
+                       for seed in args.seeds.split(",") if args.pbt_population]
     ray.shutdown()
     fractions = [s["fraction"] for s in searches]
     reached = [f for f in fractions if f is not None]
     out = {"grid_best": best, "grid_epochs": grid_epochs, "grid_epochs_reported": len(grid),
-           "pretrained": args.pretrained, "searches": searches,
+           "pretrained": args.pretrained, "searches": searches, "pbt": populations,
            "median_fraction": statistics.median(reached) if len(reached) == len(fractions)
            else None, "machine": machine()}
     if out["median_fraction"] is not None:
         print(f"median over {len(fractions)} seed(s): {100 * out['median_fraction']:.0f}% of "
               f"the grid's epochs")
+    pbt_reached = [p["fraction"] for p in populations if p["fraction"] is not None]
+    out["pbt_median_fraction"] = (statistics.median(pbt_reached) if populations
+                                  and len(pbt_reached) == len(populations) else None)
+    if out["pbt_median_fraction"] is not None:
+        print(f"PBT, median over {len(populations)} seed(s): "
+              f"{100 * out['pbt_median_fraction']:.0f}% of the grid's epochs")
     print(json.dumps(out))
     return out
 
@@ -146,17 +187,39 @@ def search(args: argparse.Namespace, fixed: dict[str, Any], storage: str, seed: 
                          reduction_factor=3)
     found = reports(run(fixed, storage, f"tpe-asha-{seed}", search_alg=searcher, scheduler=asha,
                         num_samples=args.samples, max_concurrent_trials=args.concurrent))
+    return spent("TPE+ASHA", seed, found, best, grid_epochs)
+
+
+def population(args: argparse.Namespace, fixed: dict[str, Any], storage: str, seed: int,
+               best: float, grid_epochs: int) -> dict[str, Any]:
+    """One PBT search over the same ranges: the epochs it spent until within 1 point."""
+    random.seed(seed)  # PBT's explore step draws from Python's own generator
+    ranges = {name: (ray.tune.uniform if name == "weight_decay" else ray.tune.loguniform)(
+                  min(values), max(values)) for name, values in GRID.items()}
+    # The product's scheduler class: Tune's PBT without decisions at the last epoch and
+    # without pausing trials for turns (``flyp_ray.search.pbt.population``).
+    pbt = flyp_pbt.population(PopulationBasedTraining, args.epochs)(
+        time_attr="epoch", perturbation_interval=1, hyperparam_mutations=ranges)
+    found = reports(run({**fixed, **ranges, "pbt": True}, storage, f"pbt-{seed}",
+                        scheduler=pbt, num_samples=args.pbt_population,
+                        search_alg=BasicVariantGenerator(random_state=seed)))
+    return spent("PBT", seed, found, best, grid_epochs)
+
+
+def spent(name: str, seed: int, found: list[tuple[float, float]], best: float,
+          grid_epochs: int) -> dict[str, Any]:
+    """A search's epochs in all and until its first report within 1 point of ``best``."""
     reached = next((i + 1 for i, (_, acc) in enumerate(found) if acc >= best - 0.01), None)
     out = {"seed": seed, "search_best": max(acc for _, acc in found),
            "search_epochs_total": len(found), "search_epochs_to_within_1pt": reached,
            "fraction": None if reached is None else reached / grid_epochs}
     if reached is None:
-        print(f"seed {seed}: TPE+ASHA never came within 1 point of the grid's best "
+        print(f"seed {seed}: {name} never came within 1 point of the grid's best "
               f"(best {out['search_best']:.4f}, {len(found)} epochs)", flush=True)
     else:
-        print(f"seed {seed}: best {out['search_best']:.4f}, {len(found)} epochs in all; within "
-              f"1 point after {reached} epochs = {100 * reached / grid_epochs:.0f}% of the "
-              f"grid's", flush=True)
+        print(f"seed {seed}: {name} best {out['search_best']:.4f}, {len(found)} epochs in all; "
+              f"within 1 point after {reached} epochs = {100 * reached / grid_epochs:.0f}% of "
+              f"the grid's", flush=True)
     return out
 
 

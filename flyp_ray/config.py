@@ -36,7 +36,7 @@ DatasetName = Literal[
 OodSet = Literal["imagenet_v2", "imagenet_r", "imagenet_a", "imagenet_sketch", "objectnet"]
 OOD_SETS: tuple[str, ...] = get_args(OodSet)
 ParamType = Literal["float", "int", "categorical"]
-SchedulerType = Literal["none", "asha", "hyperband"]
+SchedulerType = Literal["none", "asha", "hyperband", "pbt", "pb2"]
 SamplerType = Literal["tpe", "random", "cmaes", "nsga2", "gp"]
 Mode = Literal["max", "min"]
 CacheKind = Literal["none", "memory", "disk"]
@@ -184,11 +184,14 @@ class ParamSpec:
 
 @dataclasses.dataclass(frozen=True)
 class SchedulerConfig:
-    """Early stopping of trials, with ``epoch`` as the time attribute."""
+    """Early stopping of trials (ASHA, HyperBand) or population-based training (PBT, PB2),
+    with ``epoch`` as the time attribute."""
 
     type: SchedulerType = "asha"
     grace_period: int = 1
     reduction_factor: int = 3
+    perturbation_interval: int = 1  # pbt/pb2: epochs between two exploit/explore decisions
+    quantile_fraction: float = 0.25  # pbt/pb2: the bottom share copies the top share
 
 
 @dataclasses.dataclass(frozen=True)
@@ -570,6 +573,12 @@ def check_search(search: SearchConfig, source: str) -> None:
            search.scheduler.grace_period, "must be >= 1")
     _check(search.scheduler.reduction_factor >= 2, source, "search.scheduler.reduction_factor",
            search.scheduler.reduction_factor, "must be >= 2")
+    _check(search.scheduler.perturbation_interval >= 1, source,
+           "search.scheduler.perturbation_interval", search.scheduler.perturbation_interval,
+           "must be >= 1 (epochs)")
+    _check(0 < search.scheduler.quantile_fraction <= 0.5, source,
+           "search.scheduler.quantile_fraction", search.scheduler.quantile_fraction,
+           "must be in (0, 0.5]")
     if search.recheck is not None:
         _check(search.recheck.top_k >= 1, source, "search.recheck.top_k", search.recheck.top_k,
                "must be >= 1")
@@ -804,7 +813,9 @@ def _absolute_sqlite(raw: dict[str, Any]) -> dict[str, Any]:
     worker would log to (and create) another database there, and find none of its runs.
     """
     tracking = raw.get("tracking")
-    uri = tracking.get("uri") if isinstance(tracking, dict) else None
+    if not isinstance(tracking, dict):
+        return raw
+    uri = tracking.get("uri")
     if not isinstance(uri, str) or not uri.startswith("sqlite:///"):
         return raw
     path = Path(uri.removeprefix("sqlite:///")).expanduser()

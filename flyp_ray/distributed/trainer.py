@@ -20,7 +20,7 @@ from ray.train.torch import TorchTrainer
 
 from flyp_ray.config import Config, best_first, objectives
 from flyp_ray.distributed import verbosity
-from flyp_ray.distributed.contract import DRAW, MLFLOW_RUN, RESUME_FROM, clock
+from flyp_ray.distributed.contract import DRAW, MLFLOW_RUN, PERTURBED, RESUME_FROM, clock
 from flyp_ray.errors import FlypRayError
 from flyp_ray.finetune import wiseft
 from flyp_ray.tracking import inputs, runs
@@ -69,9 +69,10 @@ def scaling(cfg: Config) -> ScalingConfig:
 
 def build_trainer(cfg: Config, name: str, *, mlflow_run_id: str | None = None,
                   resume_from: str | None = None, callbacks: list[Any] | None = None,
-                  draw: int = 0) -> TorchTrainer:
+                  draw: int = 0, perturbed: list[str] | None = None) -> TorchTrainer:
     """A TorchTrainer for ``cfg``, checkpointing every epoch and keeping the best and latest;
-    ``draw`` numbers its few-shot draw (:mod:`flyp_ray.distributed.draws`)."""
+    ``draw`` numbers its few-shot draw (:mod:`flyp_ray.distributed.draws`); ``perturbed``
+    names the train fields that ``cfg`` changes from ``resume_from``'s run (PBT)."""
     metric, mode = selection(cfg)
     run_config = RunConfig(
         name=name,
@@ -88,7 +89,7 @@ def build_trainer(cfg: Config, name: str, *, mlflow_run_id: str | None = None,
             log_level=verbosity.train_log_level()),
     )
     loop_config = {"config": cfg, MLFLOW_RUN: mlflow_run_id, RESUME_FROM: resume_from,
-                   DRAW: draw}
+                   DRAW: draw, PERTURBED: perturbed or []}
     return TorchTrainer(train_loop_per_worker, train_loop_config=loop_config,
                         scaling_config=scaling(cfg), run_config=run_config)
 

@@ -26,11 +26,19 @@ import ray.train.torch
 import ray.util
 
 from flyp_ray.config import Config, objectives
-from flyp_ray.distributed.contract import DRAW, MLFLOW_RUN, PLACEMENT_GROUP, RESUME_FROM, clock
+from flyp_ray.distributed.contract import (
+    DRAW,
+    MLFLOW_RUN,
+    PERTURBED,
+    PLACEMENT_GROUP,
+    RESUME_FROM,
+    clock,
+)
 from flyp_ray.errors import ConfigError, TrialDiverged
-from flyp_ray.finetune import checkpoint, wiseft
+from flyp_ray.finetune import checkpoint, optim, wiseft
 from flyp_ray.finetune.evaluate import unwrap
 from flyp_ray.finetune.loop import diverged_metrics, run_epochs
+from flyp_ray.finetune.model import apply_temperature
 from flyp_ray.finetune.run import Run, build_run
 from flyp_ray.tracking import runs
 
@@ -68,6 +76,18 @@ def restore(run: Run, source: ray.train.Checkpoint | None) -> int:
     if run.zero_shot is not None and WISEFT_BEST in meta:
         restore_best(run, source, meta[WISEFT_BEST], epoch)
     return epoch
+
+
+def adopt_perturbed(run: Run, cfg: Config, perturbed: list[str]) -> None:
+    """A run continued from another trial's checkpoint with new values (population-based
+    training): the optimizer and schedule take this config's rate and decay, and a searched
+    temperature resets the logit scale (learned on from there if ``learn_temperature``)."""
+    optim.adopt_values(run.state, unwrap(run.model), cfg.train)
+    if "temperature" in perturbed:
+        apply_temperature(unwrap(run.model), cfg.train)
+    if run.rank == 0:
+        log.info("continuing with %s", ", ".join(f"{name}={getattr(cfg.train, name):.4g}"
+                                                for name in perturbed))
 
 
 def restore_best(run: Run, latest: ray.train.Checkpoint, best: dict[str, float],
@@ -287,6 +307,8 @@ def train_loop_per_worker(loop_config: dict[str, Any], *, called: float | None =
     run = worker_run(cfg, int(loop_config.get(DRAW, 0)))
     restoring = time.perf_counter()
     start = restore(run, start_from(loop_config.get(RESUME_FROM)))
+    if start and loop_config.get(PERTURBED):
+        adopt_perturbed(run, cfg, loop_config[PERTURBED])
     run.timings["restore"] = time.perf_counter() - restoring
     last = [start]
     if run.rank == 0:

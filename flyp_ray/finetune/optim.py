@@ -79,3 +79,22 @@ def build_state(model: torch.nn.Module, train: TrainConfig, total_steps: int,
         optimizer, lambda step: lr_factor(step, train, total_steps))
     scaler = torch.amp.GradScaler(device.type, enabled=train.precision == "fp16")
     return TrainingState(optimizer, scheduler, scaler)
+
+
+def adopt_values(state: TrainingState, model: torch.nn.Module, train: TrainConfig) -> None:
+    """Give a restored optimizer and schedule ``train``'s rate, floor and decay, keeping the
+    Adam moments and the step count.
+
+    Loading a checkpoint's state dicts brings back the rate and decay it was trained with. A run
+    that continues another run's checkpoint with other values (population-based training's
+    explore step) trains on with its own: the schedule's shape stays, scaled to the new ``lr``.
+    """
+    groups = state.optimizer.param_groups
+    for group, fresh in zip(groups, param_groups(model, train), strict=True):
+        group["weight_decay"] = fresh["weight_decay"]
+        group["initial_lr"] = train.lr
+    scheduler = state.scheduler
+    assert isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR)  # build_state's
+    scheduler.base_lrs = [train.lr] * len(groups)
+    for group, factor in zip(groups, scheduler.lr_lambdas, strict=True):
+        group["lr"] = train.lr * factor(scheduler.last_epoch)

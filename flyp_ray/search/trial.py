@@ -21,6 +21,8 @@ from flyp_ray.distributed import trainer
 from flyp_ray.errors import FlypRayError
 from flyp_ray.tracking import inputs, runs
 
+POPULATION = ("pbt", "pb2")  # schedulers whose trials continue from each other's checkpoints
+
 if TYPE_CHECKING:
     from flyp_ray.data.digest import DataDigest
 
@@ -42,6 +44,9 @@ def run_trial(config: dict[str, Any], *, base: Config, parent_run_id: str,
     inputs.log_data(uri, run_id, data)
     if cfg.train.repeats > 1:
         run_draws(cfg, trial_id, run_id, data)
+        return
+    if cfg.search.scheduler.type in POPULATION:
+        run_member(cfg, trial_id, run_id)
         return
     before = latest_checkpoint(f"{trials_storage}/{trial_id}")
     fit = trainer.build_trainer(cfg, trial_id, mlflow_run_id=run_id,
@@ -66,6 +71,18 @@ def latest_checkpoint(run_path: str) -> str | None:
     except RuntimeError:  # Ray's answer when there is no run (or no snapshot of it) yet
         return None
     return result.checkpoint.path if result.checkpoint is not None else None
+
+
+def run_member(cfg: Config, trial_id: str, run_id: str) -> None:
+    """A member of a PBT/PB2 population (:mod:`flyp_ray.search.pbt`)."""
+    from flyp_ray.search import pbt
+
+    try:
+        pbt.run_trial(cfg, trial_id, run_id)
+    except Exception:
+        runs.end_run(cfg.tracking.uri, run_id, "FAILED")
+        raise
+    runs.end_run(cfg.tracking.uri, run_id)
 
 
 def run_draws(cfg: Config, trial_id: str, run_id: str, data: DataDigest | None) -> None:

@@ -35,7 +35,7 @@ import ray.util
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 from ray.tune.logger import JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, HyperBandScheduler, TrialScheduler
-from ray.tune.search import Searcher
+from ray.tune.search import BasicVariantGenerator, Searcher
 from ray.util.placement_group import PlacementGroup, remove_placement_group
 
 from flyp_ray.config import Config, best_first, objectives, planned_epochs, with_train
@@ -43,8 +43,8 @@ from flyp_ray.distributed import trainer, verbosity
 from flyp_ray.distributed.contract import PLACEMENT_GROUP
 from flyp_ray.errors import BadInput, ConfigError, FlypRayError, first_line, input_error
 from flyp_ray.finetune import wiseft
-from flyp_ray.search import budget, plots, recheck, space
-from flyp_ray.search.trial import run_trial
+from flyp_ray.search import budget, pbt, plots, recheck, space
+from flyp_ray.search.trial import POPULATION, run_trial
 from flyp_ray.search.trial_lines import TrialLines
 from flyp_ray.tracking import inputs, lineage, promotion, registry, runs
 
@@ -137,6 +137,11 @@ class FreeStoppedWorkers(ray.tune.Callback):
                           **info: Any) -> None:
         free_workers(trial.last_result or {})
 
+    def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        # A trial restarted after a pause (PBT copying another trial into it) had its process
+        # killed like a stopped one: its old worker group must not hold the new one's room.
+        free_workers(trial.last_result or {})
+
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         free_workers(trial.last_result or {})
 
@@ -162,13 +167,16 @@ def free_workers(result: Mapping[str, Any]) -> None:
 
 
 def scheduler(cfg: Config) -> TrialScheduler | None:
-    """Early stopping on the first metric, with the epoch as time: ASHA, HyperBand or none.
+    """Early stopping on the first metric, with the epoch as time: ASHA, HyperBand or none; or
+    population-based training (:mod:`flyp_ray.search.pbt`).
 
     None for methods with a single result (``zeroshot``, ``lp``): there is nothing to stop early.
     """
     sched = cfg.search.scheduler
     metric, mode = trainer.selection(cfg)
     epochs = planned_epochs(cfg.train)
+    if sched.type in POPULATION:
+        return pbt.scheduler(cfg)
     if sched.type == "none" or cfg.train.method in ("zeroshot", "lp"):
         return None
     if sched.type == "asha":
@@ -202,6 +210,8 @@ def build_tuner(cfg: Config, search: Search, parent_run_id: str,
                 points: Sequence[space.Point] = (),
                 data: DataDigest | None = None) -> ray.tune.Tuner:
     """A fresh Tuner for ``search``: OptunaSearch, the scheduler, and Tune's run settings."""
+    if cfg.search.scheduler.type in POPULATION:
+        return population_tuner(cfg, search, parent_run_id, points, data)
     searcher: Searcher = space.searcher(cfg, study_name=search.name, points=points)
     stopper = None
     if cfg.search.budget is not None:
@@ -214,7 +224,28 @@ def build_tuner(cfg: Config, search: Search, parent_run_id: str,
         search_alg=searcher,
         scheduler=scheduler(cfg),
     )
-    run_config = ray.tune.RunConfig(
+    return ray.tune.Tuner(trainable(cfg, search, parent_run_id, data), tune_config=tune_config,
+                          run_config=run_config(cfg, search, stopper))
+
+
+def population_tuner(cfg: Config, search: Search, parent_run_id: str,
+                     points: Sequence[space.Point] = (),
+                     data: DataDigest | None = None) -> ray.tune.Tuner:
+    """A Tuner for PBT/PB2: Tune refuses a searcher beside them, so the first population is
+    drawn by Tune's own generator (seeded; warm-start points first) from the space as domains."""
+    generator = BasicVariantGenerator(points_to_evaluate=list(points) or None,
+                                      random_state=cfg.search.seed)
+    tune_config = ray.tune.TuneConfig(num_samples=cfg.search.num_samples,
+                                      max_concurrent_trials=cfg.search.max_concurrent_trials,
+                                      search_alg=generator, scheduler=scheduler(cfg))
+    return ray.tune.Tuner(trainable(cfg, search, parent_run_id, data),
+                          param_space=pbt.param_space(cfg), tune_config=tune_config,
+                          run_config=run_config(cfg, search))
+
+
+def run_config(cfg: Config, search: Search, stopper: Any = None) -> ray.tune.RunConfig:
+    """Where the search lives, how it treats failed trials, and its callbacks."""
+    return ray.tune.RunConfig(
         name=search.name,
         storage_path=trainer.storage_path(cfg),
         # A failed trial is recorded and the search goes on. Tune does not retry it: Ray Train
@@ -227,8 +258,6 @@ def build_tuner(cfg: Config, search: Search, parent_run_id: str,
         stop=stopper,
         verbose=verbosity.tune_verbose(),
     )
-    return ray.tune.Tuner(trainable(cfg, search, parent_run_id, data), tune_config=tune_config,
-                          run_config=run_config)
 
 
 def restore_tuner(cfg: Config, search: Search, parent_run_id: str,
