@@ -25,6 +25,12 @@ RAY_ENV = {
 # not drained for preemption: Ray Train's preemption watcher, one more actor process per run
 # that only reports drains, has nothing to watch there.
 LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+# Ray starts its worker processes at nice 15, so that they cannot starve its raylet. On a cluster
+# a command starts for itself, the Train worker *is* the work, and at nice 15 every wake-up of
+# a Ray daemon, the command's own process or MLflow preempts one of its compute threads, while
+# the other waits for it at the next OpenMP barrier. Read by the raylet this command starts;
+# a cluster joined (`ray start`, RAY_ADDRESS) keeps its own setting, and so does a user's value.
+WORKER_NICENESS = ("RAY_worker_niceness", "0")
 _STARTED_RAY: list[bool] = []  # not empty once this process's command has connected Ray
 
 
@@ -41,6 +47,8 @@ def init_ray(cfg: Config | None = None, address: str | None = None) -> None:
         verbosity.quiet_libraries()  # before ray.init, whose notices it silences
         address = address or os.environ.get("RAY_ADDRESS")
         check_reachable(address)
+        if address in (None, "local"):
+            os.environ.setdefault(*WORKER_NICENESS)
         try:
             ray.init(address=address, log_to_driver=True, configure_logging=False,
                      runtime_env=runtime_env(local=address in (None, "local")))
