@@ -127,13 +127,15 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--subsample", type=int, default=256, help="images per split")
-    p.add_argument("--samples", type=int, default=24, help="TPE + ASHA trials")
+    p.add_argument("--samples", type=int, default=24, help="TPE + ASHA trials (0: none)")
     p.add_argument("--seeds", default="0", help="TPE sampler seeds, comma-separated: one "
                    "search each against the same grid")
     p.add_argument("--pretrained", action="store_true",
                    help="start every trial from the pre-trained tiny model "
                         "(flyp_ray.finetune.pretrain)")
     p.add_argument("--concurrent", type=int, default=2)
+    p.add_argument("--grid-best", type=float, default=None,
+                   help="skip the grid: its best, printed by an earlier run of the same arguments")
     p.add_argument("--pbt-population", type=int, default=16,
                    help="PBT's population (0: no PBT search)")
     return p.parse_args(argv)
@@ -147,21 +149,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
              runtime_env={"env_vars": {"PYTHONPATH": HERE, "OMP_NUM_THREADS": "1"}})
     grid_epochs = math.prod(len(v) for v in GRID.values()) * args.epochs
     with tempfile.TemporaryDirectory() as storage:
-        grid_space = {**fixed, **{k: ray.tune.grid_search(v) for k, v in GRID.items()}}
-        grid = reports(run(grid_space, storage, "grid", max_concurrent_trials=args.concurrent))
-        best = max(acc for _, acc in grid)
+        if args.grid_best is None:
+            grid_space = {**fixed, **{k: ray.tune.grid_search(v) for k, v in GRID.items()}}
+            grid = reports(run(grid_space, storage, "grid",
+                               max_concurrent_trials=args.concurrent))
+            best = max(acc for _, acc in grid)
+        else:  # the grid of an earlier run of the same arguments: it is deterministic
+            grid, best = [], args.grid_best
         print(f"grid: best {METRIC} {best:.4f} in {grid_epochs} epochs", flush=True)
-        searches = [search(args, fixed, storage, int(seed), best, grid_epochs)
-                    for seed in args.seeds.split(",")]
-        populations = [population(args, fixed, storage, int(seed), best, grid_epochs)
-                       for seed in args.seeds.split(",") if args.pbt_population]
+        seeds = [int(seed) for seed in args.seeds.split(",")]
+        searches = [search(args, fixed, storage, seed, best, grid_epochs)
+                    for seed in seeds if args.samples]
+        populations = [population(args, fixed, storage, seed, best, grid_epochs)
+                       for seed in seeds if args.pbt_population]
     ray.shutdown()
     fractions = [s["fraction"] for s in searches]
     reached = [f for f in fractions if f is not None]
     out = {"grid_best": best, "grid_epochs": grid_epochs, "grid_epochs_reported": len(grid),
            "pretrained": args.pretrained, "searches": searches, "pbt": populations,
-           "median_fraction": statistics.median(reached) if len(reached) == len(fractions)
-           else None, "machine": machine()}
+           "median_fraction": statistics.median(reached) if searches
+           and len(reached) == len(fractions) else None, "machine": machine()}
     if out["median_fraction"] is not None:
         print(f"median over {len(fractions)} seed(s): {100 * out['median_fraction']:.0f}% of "
               f"the grid's epochs")
