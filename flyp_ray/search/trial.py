@@ -9,7 +9,9 @@ seconds of imports a trial has no use for; ``tests/search/test_trial.py`` keeps 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import ray.train
@@ -73,16 +75,23 @@ def latest_checkpoint(run_path: str) -> str | None:
     return result.checkpoint.path if result.checkpoint is not None else None
 
 
+@contextlib.contextmanager
+def ended(uri: str, run_id: str) -> Iterator[None]:
+    """The trial's MLflow run ends FAILED if the body raises (the error goes on), else FINISHED."""
+    try:
+        yield
+    except Exception:
+        runs.end_run(uri, run_id, "FAILED")
+        raise
+    runs.end_run(uri, run_id)
+
+
 def run_member(cfg: Config, trial_id: str, run_id: str) -> None:
     """A member of a PBT/PB2 population (:mod:`flyp_ray.search.pbt`)."""
     from flyp_ray.search import pbt
 
-    try:
+    with ended(cfg.tracking.uri, run_id):
         pbt.run_trial(cfg, trial_id, run_id)
-    except Exception:
-        runs.end_run(cfg.tracking.uri, run_id, "FAILED")
-        raise
-    runs.end_run(cfg.tracking.uri, run_id)
 
 
 def run_draws(cfg: Config, trial_id: str, run_id: str, data: DataDigest | None) -> None:
@@ -97,12 +106,8 @@ def run_draws(cfg: Config, trial_id: str, run_id: str, data: DataDigest | None) 
         runs.log_metrics(uri, run_id, row, step=int(row["epoch"]))
         ray.tune.report(row)  # draws.CHECKPOINT is Tune's CHECKPOINT_PATH_KEY
 
-    try:
+    with ended(uri, run_id):
         drawn = draws.run_draws(cfg, trial_id, run_id, on_mean, data)
         failed = [r["error"] for r in drawn.results if "error" in r and drawn.diverged is None]
         if failed:
             raise FlypRayError(f"trial {trial_id}: a few-shot draw failed: {failed[0]}")
-    except Exception:
-        runs.end_run(uri, run_id, "FAILED")
-        raise
-    runs.end_run(uri, run_id)
