@@ -205,7 +205,7 @@ def population(args: argparse.Namespace, fixed: dict[str, Any], storage: str, se
                   min(values), max(values)) for name, values in GRID.items()}
     # The product's scheduler class: Tune's PBT without decisions at the last epoch and
     # without pausing trials for turns (``flyp_ray.search.pbt.population``).
-    pbt = flyp_pbt.population(PopulationBasedTraining, args.epochs)(
+    pbt = flyp_pbt.population(PopulationBasedTraining, args.epochs, synch=False)(
         time_attr="epoch", perturbation_interval=1, hyperparam_mutations=ranges)
     found = reports(run({**fixed, **ranges, "pbt": True}, storage, f"pbt-{seed}",
                         scheduler=pbt, num_samples=args.pbt_population,

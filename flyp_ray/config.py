@@ -192,6 +192,9 @@ class SchedulerConfig:
     reduction_factor: int = 3
     perturbation_interval: int = 1  # pbt/pb2: epochs between two exploit/explore decisions
     quantile_fraction: float = 0.25  # pbt/pb2: the bottom share copies the top share
+    # pbt/pb2: decide only when every trial has reached the interval (Tune's synchronous PBT),
+    # at the price of restarting each trial's Train run at every decision
+    synch: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -579,6 +582,9 @@ def check_search(search: SearchConfig, source: str) -> None:
     _check(0 < search.scheduler.quantile_fraction <= 0.5, source,
            "search.scheduler.quantile_fraction", search.scheduler.quantile_fraction,
            "must be in (0, 0.5]")
+    _check(not search.scheduler.synch or search.scheduler.type in ("pbt", "pb2"), source,
+           "search.scheduler.synch", search.scheduler.synch,
+           f"only pbt and pb2 wait for the population; not {search.scheduler.type}")
     if search.recheck is not None:
         _check(search.recheck.top_k >= 1, source, "search.recheck.top_k", search.recheck.top_k,
                "must be >= 1")

@@ -72,7 +72,8 @@ def scheduler(cfg: Config) -> PopulationBasedTraining:
     common: dict[str, Any] = {"time_attr": "epoch", "metric": metric, "mode": mode,
                               "perturbation_interval": sched.perturbation_interval,
                               "quantile_fraction": sched.quantile_fraction,
-                              "custom_explore_fn": clamp(space), "log_config": True}
+                              "custom_explore_fn": clamp(space), "log_config": True,
+                              "synch": sched.synch}
     last = planned_epochs(cfg.train)
     if sched.type == "pb2":
         # scikit-learn comes with it: only a pb2 search pays that import
@@ -81,12 +82,13 @@ def scheduler(cfg: Config) -> PopulationBasedTraining:
         bounds: dict[str, Any] = {name: [float(spec.low), float(spec.high)]
                                   for name, spec in space.items()
                                   if spec.low is not None and spec.high is not None}
-        return population(PB2, last)(hyperparam_bounds=bounds, **common)
+        return population(PB2, last, synch=sched.synch)(hyperparam_bounds=bounds, **common)
     mutations = param_space(cfg)
-    return population(PopulationBasedTraining, last)(hyperparam_mutations=mutations, **common)
+    return population(PopulationBasedTraining, last, synch=sched.synch)(
+        hyperparam_mutations=mutations, **common)
 
 
-def population(base: type[P], last_epoch: int) -> type[P]:
+def population(base: type[P], last_epoch: int, *, synch: bool) -> type[P]:
     """``base`` as a population of Train runs: no decision on a trial's last epoch, and no
     pausing of a trial only so that another can take a turn.
 
@@ -96,6 +98,8 @@ def population(base: type[P], last_epoch: int) -> type[P]:
     another is paused or pending: time-sharing for populations larger than the cluster, but
     every turn restarts a Train run, and a trial copied into another is paused for a moment
     after every exploit. Here a population larger than the cluster runs in waves instead.
+    In synchronous mode a pause is how a trial waits for the others at the interval, so it
+    stays.
     """
 
     class Population(base):  # type: ignore[valid-type,misc]
@@ -104,7 +108,9 @@ def population(base: type[P], last_epoch: int) -> type[P]:
             if float(result.get("epoch", 0)) >= last_epoch:
                 return str(TrialScheduler.CONTINUE)
             decision = str(super().on_trial_result(tune_controller, trial, result))
-            return str(TrialScheduler.CONTINUE) if decision == TrialScheduler.PAUSE else decision
+            if decision == TrialScheduler.PAUSE and not synch:
+                return str(TrialScheduler.CONTINUE)
+            return decision
 
     Population.__name__ = base.__name__  # what Tune's logs and status lines name
     return Population

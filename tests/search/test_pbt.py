@@ -2,10 +2,11 @@
 
 The search test selects on ``train/lr`` so that Tune's ranking is known in advance: with
 ``search.seed: 0`` Tune's generator draws lr 1.9e-3 for trial 0 and 3e-4 for trial 1, and a
-trial's ``train/lr`` is its lr times the schedule's factor, the same for both at any epoch.
-Trial 1 ranks last wherever it is compared before it copies trial 0, and by epoch 3 trial 0
-has a checkpoint saved at a perturbation epoch (1 or 2, whichever order the reports came in),
-so trial 1 continues from trial 0 at least once before the last epoch (where nothing is decided).
+trial's ``train/lr`` is its lr times the schedule's factor, the same for both at any epoch. It
+runs Tune's synchronous mode with an interval of 2 over 4 epochs: whichever trial starts first
+waits at epoch 2 for the other, so there is exactly one decision, with both trials present, and
+trial 1 continues from trial 0's checkpoint of epoch 2 however the two were scheduled (in the
+asynchronous mode, a trial that starts late may find the other already finished).
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ def pbt_config(tmp: Path, *, epochs: int = 4, train: dict | None = None, **searc
      "search.max_concurrent_trials", "the population trains side by side"),
     ({"recheck": {"top_k": 1, "seeds": 1}}, {}, "search.recheck", "not with pbt"),
     ({}, {"method": "lp"}, "train.method", "lp has no epochs to continue"),
+    ({"scheduler": {"type": "asha", "synch": True}}, {},
+     "search.scheduler.synch", "only pbt and pb2 wait for the population"),
     ({"scheduler": {**PBT, "type": "pb2"},
       "space": {"temperature": {"type": "categorical", "choices": [0.01, 0.05]}}}, {},
      "search.space.temperature.type", "pb2 models numeric ranges"),
@@ -100,41 +103,41 @@ def test_continued_optimizer_takes_the_new_rate_and_decay_and_keeps_its_moments(
 @pytest.mark.slow
 def test_pbt_search_continues_the_worse_trial_from_the_better(ray_session: None,
                                                               tmp_path: Path) -> None:
-    path = pbt_config(tmp_path, metric="train/lr", mode="max", seed=0)
+    path = pbt_config(tmp_path, metric="train/lr", mode="max", seed=0,
+                      scheduler={**PBT, "perturbation_interval": 2, "synch": True})
     summary = tune.run_search(config.load(path))
     assert summary["num_trials"] == 2 and summary["num_failed"] == 0
 
     folder = tmp_path / "results" / "search-pbt"
     exploits = (folder / "pbt_global.txt").read_text().splitlines()  # Tune's own record
-    assert exploits, "PBT continued no trial from another"
+    assert len(exploits) == 1, exploits
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("test")
     assert experiment is not None
     trials = {r.data.tags[runs.TRIAL_TAG]: r for r in client.search_runs(
         [experiment.experiment_id], f"tags.`{runs.KIND_TAG}` = 'trial'")}
     first, second = sorted(trials)
-    lineage = json.loads(trials[second].data.tags[pbt.LINEAGE_TAG])
-    assert lineage[0]["from_trial"] == first and "lr" in lineage[0]["changed"]
-    epoch, lr = int(lineage[0]["from_epoch"]), lineage[0]["values"]["lr"]
-    assert 1 <= epoch <= 2
-    assert (tmp_path / "results" / "search-pbt" / "trials" / f"{second}-e{epoch}").is_dir()
+    (entry,) = json.loads(trials[second].data.tags[pbt.LINEAGE_TAG])
+    assert entry["from_trial"] == first and entry["from_epoch"] == 2 and "lr" in entry["changed"]
+    assert pbt.LINEAGE_TAG not in trials[first].data.tags
+    lr = entry["values"]["lr"]
+    # The taker trains on as a new Train run; the donor, paused at epoch 2 to wait for it,
+    # continues its own.
+    assert sorted(p.name for p in (folder / "trials").iterdir()) == [first, second, f"{second}-e2"]
     charted = {m.step: m.value for m in client.get_metric_history(
         trials[second].info.run_id, "pbt/lr")}
-    assert charted[epoch] == pytest.approx(lr) and charted[0] != pytest.approx(lr)
+    assert charted[2] == pytest.approx(lr) and charted[0] != pytest.approx(lr)
 
-    # The continued run trained its next epoch at the new rate from the donor's point of the
-    # schedule: its train/lr over the donor's own at that epoch is the ratio of the two rates
-    # (unless the donor itself was continued from the taker meanwhile).
-    taker = _epoch_rows(folder, second)
-    donor = _epoch_rows(folder, first)
+    # Both trained every epoch (the worker's own MLflow history: a paused Train run may have
+    # finished epoch 3 before its process stopped, and resumes after it). The taker trained
+    # epoch 3 at the new rate from the donor's point of the schedule: its train/lr over the
+    # donor's is the ratio of the two rates.
+    taker, donor = (_history(client, trials[t].info.run_id, "train/lr") for t in (second, first))
+    assert sorted(taker) == sorted(donor) == [1, 2, 3, 4]
     donor_lr = float(trials[first].data.params["lr"])
-    if not (folder / f"pbt_policy_{first}.txt").exists():
-        ratio = taker[epoch + 1]["train/lr"] / donor[epoch + 1]["train/lr"]
-        assert ratio == pytest.approx(lr / donor_lr, rel=1e-9)
+    assert taker[3] / donor[3] == pytest.approx(lr / donor_lr, rel=1e-9)
 
 
-def _epoch_rows(folder: Path, trial_id: str) -> dict[int, dict]:
-    """A trial's Tune results by epoch (the last row of an epoch reported twice)."""
-    (trial_dir,) = folder.glob(f"run_trial_{trial_id}_*")
-    rows = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()]
-    return {int(r["epoch"]): r for r in rows}
+def _history(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
+    """A metric by epoch (the last value of an epoch logged twice)."""
+    return {m.step: m.value for m in client.get_metric_history(run_id, key)}
