@@ -48,6 +48,7 @@ from ray.util.queue import Empty, Queue
 from flyp_ray.config import Config, ParamSpec, objectives, planned_epochs
 from flyp_ray.distributed import trainer
 from flyp_ray.errors import ConfigError
+from flyp_ray.search.trial import final_report
 from flyp_ray.tracking import runs
 
 log = logging.getLogger(__name__)
@@ -239,9 +240,7 @@ def run_trial(cfg: Config, trial_id: str, run_id: str) -> None:
         raise outcome["error"]
     if report.epochs == 0 and outcome["result"].metrics:
         # The Train run had finished before this restart: report its last epoch again.
-        result = outcome["result"]
-        path = result.checkpoint.path if result.checkpoint is not None else None
-        report({**result.metrics, CHECKPOINT_PATH_KEY: path})
+        report(final_report(outcome["result"]))
 
 
 def _fit(fit: Any, outcome: dict[str, Any]) -> None:

@@ -62,8 +62,14 @@ def run_trial(config: dict[str, Any], *, base: Config, parent_run_id: str,
         # The Train run had already finished when Tune (re)started this trial, so its workers
         # reported nothing, and Tune would keep the result of its last snapshot (an earlier
         # epoch, or none). Report the final epoch again, as TuneReportCallback would have.
-        ray.tune.report({**(result.metrics or {}), CHECKPOINT_PATH_KEY: result.checkpoint.path})
+        ray.tune.report(final_report(result))
     runs.end_run(uri, run_id)
+
+
+def final_report(result: ray.train.Result) -> dict[str, Any]:
+    """A finished Train run's last epoch as the row Ray Train's ``TuneReportCallback`` sends."""
+    path = result.checkpoint.path if result.checkpoint is not None else None
+    return {**(result.metrics or {}), CHECKPOINT_PATH_KEY: path}
 
 
 def latest_checkpoint(run_path: str) -> str | None:
