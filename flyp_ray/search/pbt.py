@@ -48,7 +48,7 @@ from ray.util.queue import Empty, Queue
 from flyp_ray.config import Config, ParamSpec, objectives, planned_epochs
 from flyp_ray.distributed import trainer
 from flyp_ray.errors import ConfigError
-from flyp_ray.search.trial import final_report
+from flyp_ray.search.tune_row import final_report
 from flyp_ray.tracking import runs
 
 log = logging.getLogger(__name__)

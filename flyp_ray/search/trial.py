@@ -16,11 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 import ray.train
 import ray.tune
-from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
+from ray.tune.integration.ray_train import TuneReportCallback
 
 from flyp_ray.config import Config, with_train
 from flyp_ray.distributed import trainer
 from flyp_ray.errors import FlypRayError
+from flyp_ray.search.tune_row import final_report
 from flyp_ray.tracking import inputs, runs
 
 POPULATION = ("pbt", "pb2")  # schedulers whose trials continue from each other's checkpoints
@@ -64,12 +65,6 @@ def run_trial(config: dict[str, Any], *, base: Config, parent_run_id: str,
         # epoch, or none). Report the final epoch again, as TuneReportCallback would have.
         ray.tune.report(final_report(result))
     runs.end_run(uri, run_id)
-
-
-def final_report(result: ray.train.Result) -> dict[str, Any]:
-    """A finished Train run's last epoch as the row Ray Train's ``TuneReportCallback`` sends."""
-    path = result.checkpoint.path if result.checkpoint is not None else None
-    return {**(result.metrics or {}), CHECKPOINT_PATH_KEY: path}
 
 
 def latest_checkpoint(run_path: str) -> str | None:
