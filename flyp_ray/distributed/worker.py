@@ -134,8 +134,8 @@ class Checkpoints:
     checkpoint, and the epoch reaches MLflow once, when it is trained again.
     """
 
-    def __init__(self, uri: str, run_id: str | None) -> None:
-        self.uri, self.run_id = uri, run_id
+    def __init__(self, uri: str, run_id: str | None, name: str = "") -> None:
+        self.uri, self.run_id, self.name = uri, run_id, name  # name: this Train run's
         self.last: threading.Event | None = None  # set when the latest upload has ended
         self.host: checkpoint.Contents | None = None  # host buffers, reused once written
         # The last epoch in MLflow, asked for at the first upload (off the start-up's path):
@@ -186,6 +186,11 @@ class Checkpoints:
     def log_epoch(self, epoch: int, metrics: dict[str, Any]) -> None:
         """The epoch's metrics to MLflow (``step=epoch``), unless an earlier attempt did."""
         if self.run_id is None:
+            return
+        if runs.writer(self.uri, self.run_id) not in (None, self.name):
+            # A population's trial went on from another's checkpoint as a new Train run while
+            # this one was stopping: its epochs are the run's now.
+            log.info("epoch %d not logged: the run continues as another Train run", epoch)
             return
         if self.logged is None:
             self.logged = runs.last_step(self.uri, self.run_id, "epoch")
@@ -314,7 +319,12 @@ def train_loop_per_worker(loop_config: dict[str, Any], *, called: float | None =
     if run.rank == 0:
         resumed = f"; resuming after epoch {start}" if start else ""
         log.info("%s%s", startup_line(called, imported, run.timings), resumed)
-    checkpoints = Checkpoints(cfg.tracking.uri, run_id if run.rank == 0 else None)
+    checkpoints = Checkpoints(cfg.tracking.uri, run_id if run.rank == 0 else None,
+                              ray.train.get_context().get_experiment_name())
+    if ray.train.get_checkpoint() is None and loop_config.get(RESUME_FROM):
+        # Continued from another run's checkpoint: the epochs after it are trained anew, and
+        # replace whatever another Train run (one stopping in the background) logged for them.
+        checkpoints.logged = start
     readings = progress_log(run, cfg, run_id)
 
     def report_epoch(epoch: int, metrics: dict[str, float]) -> None:

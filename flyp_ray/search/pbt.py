@@ -222,6 +222,8 @@ def run_trial(cfg: Config, trial_id: str, run_id: str) -> None:
         _log_lineage(cfg, run_id, origin, perturbed)
     else:
         _log_values(cfg, run_id, epoch=0)
+    # Named before the Train run starts: from now on only it writes the trial's epochs.
+    runs.set_tags(cfg.tracking.uri, run_id, {runs.WRITER_TAG: name})
     queue: Queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
     fit = trainer.build_trainer(cfg, name, mlflow_run_id=run_id, resume_from=resume_from,
                                 perturbed=perturbed, callbacks=[ReportThrough(queue)])
