@@ -37,6 +37,7 @@ OodSet = Literal["imagenet_v2", "imagenet_r", "imagenet_a", "imagenet_sketch", "
 OOD_SETS: tuple[str, ...] = get_args(OodSet)
 ParamType = Literal["float", "int", "categorical"]
 SchedulerType = Literal["none", "asha", "hyperband", "pbt", "pb2"]
+POPULATION = ("pbt", "pb2")  # schedulers whose trials continue from each other's checkpoints
 SamplerType = Literal["tpe", "random", "cmaes", "nsga2", "gp"]
 Mode = Literal["max", "min"]
 CacheKind = Literal["none", "memory", "disk"]
@@ -582,7 +583,7 @@ def check_search(search: SearchConfig, source: str) -> None:
     _check(0 < search.scheduler.quantile_fraction <= 0.5, source,
            "search.scheduler.quantile_fraction", search.scheduler.quantile_fraction,
            "must be in (0, 0.5]")
-    _check(not search.scheduler.synch or search.scheduler.type in ("pbt", "pb2"), source,
+    _check(not search.scheduler.synch or search.scheduler.type in POPULATION, source,
            "search.scheduler.synch", search.scheduler.synch,
            f"only pbt and pb2 wait for the population; not {search.scheduler.type}")
     if search.recheck is not None:

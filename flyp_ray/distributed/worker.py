@@ -25,7 +25,7 @@ import ray.train
 import ray.train.torch
 import ray.util
 
-from flyp_ray.config import Config, objectives
+from flyp_ray.config import POPULATION, Config, objectives
 from flyp_ray.distributed.contract import (
     DRAW,
     MLFLOW_RUN,
@@ -134,8 +134,10 @@ class Checkpoints:
     checkpoint, and the epoch reaches MLflow once, when it is trained again.
     """
 
-    def __init__(self, uri: str, run_id: str | None, name: str = "") -> None:
-        self.uri, self.run_id, self.name = uri, run_id, name  # name: this Train run's
+    def __init__(self, uri: str, run_id: str | None, name: str | None = None) -> None:
+        # name: this Train run's, where another Train run may write the same MLflow run (a
+        # population's trial); None: no other can, and nothing is asked before logging.
+        self.uri, self.run_id, self.name = uri, run_id, name
         self.last: threading.Event | None = None  # set when the latest upload has ended
         self.host: checkpoint.Contents | None = None  # host buffers, reused once written
         # The last epoch in MLflow, asked for at the first upload (off the start-up's path):
@@ -187,7 +189,7 @@ class Checkpoints:
         """The epoch's metrics to MLflow (``step=epoch``), unless an earlier attempt did."""
         if self.run_id is None:
             return
-        if runs.writer(self.uri, self.run_id) not in (None, self.name):
+        if self.name is not None and runs.writer(self.uri, self.run_id) not in (None, self.name):
             # A population's trial went on from another's checkpoint as a new Train run while
             # this one was stopping: its epochs are the run's now.
             log.info("epoch %d not logged: the run continues as another Train run", epoch)
@@ -319,8 +321,9 @@ def train_loop_per_worker(loop_config: dict[str, Any], *, called: float | None =
     if run.rank == 0:
         resumed = f"; resuming after epoch {start}" if start else ""
         log.info("%s%s", startup_line(called, imported, run.timings), resumed)
+    population = cfg.search.scheduler.type in POPULATION
     checkpoints = Checkpoints(cfg.tracking.uri, run_id if run.rank == 0 else None,
-                              ray.train.get_context().get_experiment_name())
+                              ray.train.get_context().get_experiment_name() if population else None)
     if ray.train.get_checkpoint() is None and loop_config.get(RESUME_FROM):
         # Continued from another run's checkpoint: the epochs after it are trained anew, and
         # replace whatever another Train run (one stopping in the background) logged for them.

@@ -18,13 +18,11 @@ import ray.train
 import ray.tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from flyp_ray.config import Config, with_train
+from flyp_ray.config import POPULATION, Config, with_train
 from flyp_ray.distributed import trainer
 from flyp_ray.errors import FlypRayError
 from flyp_ray.search.tune_row import final_report
 from flyp_ray.tracking import inputs, runs
-
-POPULATION = ("pbt", "pb2")  # schedulers whose trials continue from each other's checkpoints
 
 if TYPE_CHECKING:
     from flyp_ray.data.digest import DataDigest

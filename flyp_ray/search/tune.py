@@ -38,13 +38,13 @@ from ray.tune.schedulers import ASHAScheduler, HyperBandScheduler, TrialSchedule
 from ray.tune.search import BasicVariantGenerator, Searcher
 from ray.util.placement_group import PlacementGroup, remove_placement_group
 
-from flyp_ray.config import Config, best_first, objectives, planned_epochs, with_train
+from flyp_ray.config import POPULATION, Config, best_first, objectives, planned_epochs, with_train
 from flyp_ray.distributed import trainer, verbosity
 from flyp_ray.distributed.contract import PLACEMENT_GROUP
 from flyp_ray.errors import BadInput, ConfigError, FlypRayError, first_line, input_error
 from flyp_ray.finetune import wiseft
 from flyp_ray.search import budget, pbt, plots, recheck, space
-from flyp_ray.search.trial import POPULATION, run_trial
+from flyp_ray.search.trial import run_trial
 from flyp_ray.search.trial_lines import TrialLines
 from flyp_ray.tracking import inputs, lineage, promotion, registry, runs
 
