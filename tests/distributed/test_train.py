@@ -8,6 +8,7 @@ import signal
 import sqlite3
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -71,9 +72,14 @@ def test_flyp_learns_the_synthetic_set(ray_session: None, tmp_path: Path,
                       train={"epochs": 5, "batch_size": 32, "lr": 2.0e-3, "warmup_steps": 10,
                              "eval_batch_size": 300},
                       resources={"cpus_per_worker": 1})
+    before = actors_by_class()
     code, out = run_cli(capsys, "train", str(write_config(tmp_path / "synthetic.yaml", raw)))
 
     assert code == 0
+    # One more Train controller in Ray's actor table, and no Ray Data dataset manager: the
+    # run reads no Ray Dataset, so its trainer starts none (distributed/trainer.Trainer).
+    started = actors_by_class() - before
+    assert started["TrainController"] == 1 and started["DatasetManager"] == 0, started
     uri, run_id = raw["tracking"]["uri"], out["mlflow_run_id"]
     train_loss, held_out = history(uri, run_id, "train/loss"), history(uri, run_id, "id_val/loss")
     accuracy = history(uri, run_id, "id_val/acc")  # shown when the check fails
@@ -88,6 +94,13 @@ def test_flyp_learns_the_synthetic_set(ray_session: None, tmp_path: Path,
     assert readings == [(18 * e, float(e)) for e in range(1, 6)]
     speeds = history(raw["tracking"]["uri"], out["mlflow_run_id"], "perf/samples_per_s")
     assert len(speeds) == 5 and all(v > 0 for _, v in speeds)
+
+
+def actors_by_class() -> Counter[str]:
+    """How many actors of each class the session's Ray has started, dead ones included."""
+    import ray._private.state
+
+    return Counter(a["ActorClassName"] for a in ray._private.state.actors().values())
 
 
 def test_checkpoint_resumes_in_another_run(ray_session: None, tmp_path: Path,
