@@ -3,7 +3,12 @@ trial trains ``train.repeats`` draws as Train runs of their own, and the means i
 
 from __future__ import annotations
 
+import os
+import re
+import signal
 import statistics
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -15,22 +20,71 @@ from flyp_ray.distributed import draws
 from flyp_ray.search import tune
 from flyp_ray.tracking import runs
 from tests.support.configs import tiny_config, write_config
+from tests.support.processes import train_workers
 
-EPOCHS = 2
+EPOCHS = 3
+
+
+def draw_workers() -> dict[int, list[str]]:
+    """Each Train worker process of this Ray that has logged a draw's progress: pid -> its
+    lines (``{run}-draw{r}: ...``), read from the worker's log file in Ray's session folder."""
+    import ray._private.worker
+
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    found = {}
+    for path in logs.glob("worker-*.err"):
+        lines = [line for line in path.read_text(errors="replace").splitlines()
+                 if re.match(r"\S+-draw\d+: ", line)]
+        if lines:
+            found[int(path.stem.rsplit("-", 1)[1])] = lines
+    return found
+
+
+def kill_after_its_first_checkpoint(draw: int, storage: Path, seen: dict[int, list[str]],
+                                    deadline_s: float = 300) -> threading.Thread:
+    """In the background: SIGKILL the Train worker of ``draw`` once Ray has registered the
+    draw's first checkpoint (its run's checkpoint manager wrote its snapshot under
+    ``storage``); the worker's pid goes into ``seen`` with its log lines so far."""
+    def watch() -> None:
+        deadline = time.monotonic() + deadline_s
+        snapshot = f"*-draws/*-draw{draw}/checkpoint_manager_snapshot.json"
+        while time.monotonic() < deadline and not any(storage.rglob(snapshot)):
+            time.sleep(0.1)
+        for pid, lines in draw_workers().items():
+            if pid in train_workers() and any(f"-draw{draw}: " in line for line in lines):
+                os.kill(pid, signal.SIGKILL)
+                seen[pid] = lines
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
 
 
 @pytest.mark.slow
-def test_a_trial_of_two_draws_reports_each_epochs_mean_to_tune(
+def test_a_trial_of_two_draws_reports_each_epochs_mean_and_retries_a_killed_draw_alone(
         ray_session: None, tmp_path: Path) -> None:
     raw = tiny_config(tmp_path, dataset={"subsample": 64},
                       train={"epochs": EPOCHS, "batch_size": 8, "k_shot": 4, "repeats": 2,
                              "warmup_steps": 1},
                       search={"num_samples": 1, "max_concurrent_trials": 1,
                               "scheduler": {"type": "none"}},
-                      resources={"workers": 1, "cpus_per_worker": 0.5, "max_failures": 0})
+                      resources={"workers": 1, "cpus_per_worker": 0.5, "max_failures": 1})
     cfg = config.load(write_config(tmp_path / "c.yaml", raw))
+    before = set(draw_workers())  # other tests' draws, in this session's Ray
+    killed: dict[int, list[str]] = {}
+    # Draw 1's worker dies for real once its first epoch is a checkpoint, while draw 0 trains.
+    watcher = kill_after_its_first_checkpoint(1, tmp_path / "results", killed)
     summary = tune.run_search(cfg)
-    assert summary["num_completed"] == 1
+    watcher.join(timeout=1)
+    assert summary["num_completed"] == 1 and len(killed) == 1, killed
+    # Only draw 1 started again, from its checkpoint; draw 0's one worker went on.
+    workers = {pid: lines for pid, lines in draw_workers().items() if pid not in before}
+    by_draw = {d: [lines for lines in workers.values() if any(f"-draw{d}: " in line
+                                                              for line in lines)]
+               for d in (0, 1)}
+    assert len(by_draw[0]) == 1 and len(by_draw[1]) == 2, workers
+    assert sum("resuming after epoch 1" in line for lines in by_draw[1] for line in lines) == 1, \
+        "\n".join(line for lines in by_draw[1] for line in lines)
 
     # Each draw is an MLflow run nested under the trial's, tagged with its kind and number.
     client = MlflowClient(cfg.tracking.uri)
@@ -42,10 +96,13 @@ def test_a_trial_of_two_draws_reports_each_epochs_mean_to_tune(
     assert sorted((r.data.tags[runs.KIND_TAG], r.data.tags[draws.DRAW_TAG]) for r in found) \
         == [("draw", "0"), ("draw", "1")]
     assert {r.info.status for r in found} == {"FINISHED"}
-    by_draw = sorted(found, key=lambda r: r.data.tags[draws.DRAW_TAG])
+    draw_runs = sorted(found, key=lambda r: r.data.tags[draws.DRAW_TAG])
+    for run in draw_runs:  # the restarted draw too: every epoch once
+        steps = sorted(int(m.step) for m in client.get_metric_history(run.info.run_id, "epoch"))
+        assert steps == list(range(1, EPOCHS + 1))
     history = [{int(m.step): m.value for m in client.get_metric_history(r.info.run_id,
                                                                        "id_val/acc")}
-               for r in by_draw]
+               for r in draw_runs]
 
     # Tune got one report per epoch: the mean over the draws of that epoch, and its std.
     frame = ray.tune.ExperimentAnalysis(summary["search_path"]).trial_dataframes[
