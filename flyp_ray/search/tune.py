@@ -360,7 +360,9 @@ def close_trial_runs(cfg: Config, parent_run_id: str, records: Sequence[dict[str
     """Give each child run its final status and note how its trial ended.
 
     A trial that the scheduler stopped had its driver killed mid-run: its run was left RUNNING,
-    or FAILED by the driver's own error handling while Tune was stopping it.
+    or FAILED by the driver's own error handling while Tune was stopping it. So were its
+    few-shot draws' runs, nested under it: Tune stops a trial as soon as it reports its last
+    epoch too, while its draws may still be closing their runs. They end as their trial does.
     """
     uri = cfg.tracking.uri
     trial_runs = runs.trial_runs(uri, cfg.tracking.experiment, parent_run_id)
@@ -375,6 +377,9 @@ def close_trial_runs(cfg: Config, parent_run_id: str, records: Sequence[dict[str
             status = "FAILED" if record["status"] == "failed" else "FINISHED"
             if run.info.status != status:
                 runs.end_run(uri, run.info.run_id, status)
+            if cfg.train.repeats > 1:
+                for draw in runs.open_children(uri, cfg.tracking.experiment, run.info.run_id):
+                    runs.end_run(uri, draw.info.run_id, status)
 
 
 # --- the search ----------------------------------------------------------------------------

@@ -379,6 +379,14 @@ def trial_runs(uri: str, experiment: str, parent_run_id: str) -> dict[str, Run]:
     return {run.data.tags[TRIAL_TAG]: run for run in runs if TRIAL_TAG in run.data.tags}
 
 
+def open_children(uri: str, experiment: str, parent_run_id: str) -> list[Run]:
+    """The runs nested under ``parent_run_id`` that are still RUNNING."""
+    mlflow_client = client(uri)
+    exp = experiment_id(mlflow_client, experiment)
+    where = f"tags.`{PARENT_TAG}` = {_quoted(parent_run_id)} and attributes.status = 'RUNNING'"
+    return list(mlflow_client.search_runs([exp], where))
+
+
 def search_runs(uri: str, experiment: str) -> list[Run]:
     """The finished parent runs of searches in ``experiment``, newest first."""
     mlflow_client = client(uri)

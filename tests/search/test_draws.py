@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import ray.tune
+import ray.util
 from mlflow.tracking import MlflowClient
 
 from flyp_ray import config
@@ -61,26 +62,34 @@ def kill_after_its_first_checkpoint(draw: int, storage: Path, seen: dict[int, li
 
 
 @pytest.mark.slow
-def test_a_trial_of_two_draws_reports_each_epochs_mean_and_retries_a_killed_draw_alone(
+def test_trials_of_two_draws_report_each_epochs_mean_retry_a_killed_draw_and_stop_early(
         ray_session: None, tmp_path: Path) -> None:
+    # Selecting on train/lr makes ASHA's decision known in advance (as in test_tune's ASHA
+    # search): with seed 2 the second trial's lr (1.1e-4) is below the first's (7.5e-4), and
+    # one trial at a time, so ASHA stops the second after its first epoch's mean.
     raw = tiny_config(tmp_path, dataset={"subsample": 64},
                       train={"epochs": EPOCHS, "batch_size": 8, "k_shot": 4, "repeats": 2,
                              "warmup_steps": 1},
-                      search={"num_samples": 1, "max_concurrent_trials": 1,
-                              "scheduler": {"type": "none"}},
+                      search={"num_samples": 2, "max_concurrent_trials": 1, "seed": 2,
+                              "metric": "train/lr", "mode": "max",
+                              "scheduler": {"type": "asha", "grace_period": 1,
+                                            "reduction_factor": 3}},
                       resources={"workers": 1, "cpus_per_worker": 0.5, "max_failures": 1})
     cfg = config.load(write_config(tmp_path / "c.yaml", raw))
     before = set(draw_workers())  # other tests' draws, in this session's Ray
     killed: dict[int, list[str]] = {}
-    # Draw 1's worker dies for real once its first epoch is a checkpoint, while draw 0 trains.
+    # The first trial's draw 1 loses its worker for real once its first epoch is a
+    # checkpoint, while draw 0 trains on.
     watcher = kill_after_its_first_checkpoint(1, tmp_path / "results", killed)
     summary = tune.run_search(cfg)
     watcher.join(timeout=1)
-    assert summary["num_completed"] == 1 and len(killed) == 1, killed
+    assert summary["num_completed"] == 2 and summary["num_failed"] == 0  # stopped: complete
+    assert len(killed) == 1, killed
+    completed = summary["best_trial_id"]
     # Only draw 1 started again, from its checkpoint; draw 0's one worker went on.
     workers = {pid: lines for pid, lines in draw_workers().items() if pid not in before}
-    by_draw = {d: [lines for lines in workers.values() if any(f"-draw{d}: " in line
-                                                              for line in lines)]
+    by_draw = {d: [lines for lines in workers.values()
+                   if any(line.startswith(f"{completed}-draw{d}: ") for line in lines)]
                for d in (0, 1)}
     assert len(by_draw[0]) == 1 and len(by_draw[1]) == 2, workers
     assert sum("resuming after epoch 1" in line for lines in by_draw[1] for line in lines) == 1, \
@@ -123,6 +132,25 @@ def test_a_trial_of_two_draws_reports_each_epochs_mean_and_retries_a_killed_draw
     # Its checkpoint is the one of the draw best at that epoch, kept in the draws' folder.
     checkpoint = Path(summary["best_checkpoint"])
     assert checkpoint.parent.parent.name.endswith("-draws") and checkpoint.is_dir()
+
+    # The other trial: ASHA stopped it on its first epoch's mean, and its draws' workers and
+    # placement groups went with it.
+    frames = ray.tune.ExperimentAnalysis(summary["search_path"]).trial_dataframes
+    (stopped,) = set(frames) - {completed}
+    assert [int(e) for e in frames[stopped]["epoch"]] == [1]
+    stopped_run = client.get_run(runs.find_run(
+        cfg.tracking.uri, cfg.tracking.experiment,
+        {runs.PARENT_TAG: summary["mlflow_parent_run_id"], runs.TRIAL_TAG: stopped}))
+    assert stopped_run.data.tags["flyp_ray.status"] == "stopped"
+    assert [g for g in ray.util.placement_group_table().values()
+            if g["state"] == "CREATED"] == []
+    its_workers = {pid for pid, lines in draw_workers().items()
+                   if any(line.startswith(f"{stopped}-draw") for line in lines)}
+    assert len(its_workers) == 2
+    deadline = time.monotonic() + 30  # Ray ends the stopped draws' processes in the background
+    while its_workers & set(train_workers()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not its_workers & set(train_workers())
 
 
 # --- in one process ------------------------------------------------------------------------
