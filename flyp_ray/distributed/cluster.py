@@ -138,5 +138,14 @@ def own_cluster() -> None:
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://{dashboard}" if dashboard else NO_STATE_API
 
 
+def has_state_api() -> bool:
+    """Whether the connected cluster runs a dashboard, and with it Ray's state API (yes when
+    Ray is not connected yet: the cluster that ``ray.init`` would start has one)."""
+    import ray
+    from ray._private.services import get_webui_url_from_internal_kv  # "" without a dashboard
+
+    return not ray.is_initialized() or bool(get_webui_url_from_internal_kv())
+
+
 # Port 9 (discard) takes no connection here: a state API lookup fails at once.
 NO_STATE_API = "http://127.0.0.1:9"

@@ -20,12 +20,16 @@ from ray.train.torch import TorchTrainer
 
 try:  # Ray Train V2's internals; without them the trainer is Ray's own (see Trainer)
     from ray.train.v2._internal.callbacks import DatasetsCallback
+    from ray.train.v2._internal.callbacks.placement_group_callback import (
+        PlacementGroupCleanerCallback,
+    )
     DATASETS_CALLBACKS: tuple[type, ...] = (DatasetsCallback,)
+    CLEANER_CALLBACKS: tuple[type, ...] = (PlacementGroupCleanerCallback,)
 except ImportError:  # pragma: no cover - another Ray
-    DATASETS_CALLBACKS = ()
+    DATASETS_CALLBACKS = CLEANER_CALLBACKS = ()
 
 from flyp_ray.config import Config, best_first, objectives
-from flyp_ray.distributed import verbosity
+from flyp_ray.distributed import cluster, verbosity
 from flyp_ray.distributed.contract import DRAW, MLFLOW_RUN, PERTURBED, RESUME_FROM, clock
 from flyp_ray.errors import FlypRayError
 from flyp_ray.finetune import wiseft
@@ -74,21 +78,24 @@ def scaling(cfg: Config) -> ScalingConfig:
 
 
 class Trainer(TorchTrainer):
-    """Ray's ``TorchTrainer``, less the Ray Data dataset manager when it is given no datasets.
+    """Ray's ``TorchTrainer``, less two helper actors where they cannot do their work.
 
-    Ray Train V2 starts a ``DatasetManager`` actor for every run, datasets or not, to hand out
-    Ray Data shards. Our workers read images with a torch ``DataLoader`` and ask for no shard,
-    so the actor was only a process to start per run: 3.2 CPU-s of a 4-trial search's ~43
-    per trial here (process and ``import ray.train``, measured 2026-12-04). A run given
-    datasets keeps it.
+    Ray Train V2 starts, for every run, a ``DatasetManager`` actor to hand out Ray Data shards
+    and a ``PlacementGroupCleaner`` that removes the run's workers if its controller dies
+    unannounced. Each is a process to start and ``import ray.train`` in: 3.2 and 2.9 CPU-s a
+    trial of a 4-trial search here, out of ~43 (2026-12-04). Our workers read images with a
+    torch ``DataLoader`` and ask for no shard, so without datasets the manager goes. The
+    cleaner asks the state API whether the controller lives, and a cluster without a dashboard
+    has none (:func:`cluster.own_cluster` points it at an address that answers nothing): there
+    it never acts, so it goes too. With a dashboard it stays.
     """
 
     def _create_default_callbacks(self) -> list[Any]:
         # mypy reads Ray Train V1's TorchTrainer, which builds no callbacks; V2's does.
         callbacks: list[Any] = super()._create_default_callbacks()  # type: ignore[misc]
-        if self.datasets:
-            return callbacks
-        return [c for c in callbacks if not isinstance(c, DATASETS_CALLBACKS)]
+        idle = (() if self.datasets else DATASETS_CALLBACKS) + \
+            (() if cluster.has_state_api() else CLEANER_CALLBACKS)
+        return [c for c in callbacks if not isinstance(c, idle)]
 
 
 def build_trainer(cfg: Config, name: str, *, mlflow_run_id: str | None = None,

@@ -170,7 +170,10 @@ def test_a_run_survives_a_second_ray_instance_started_beside_it(ray_session: Non
                                                                 tmp_path: Path) -> None:
     # Ray Train's PlacementGroupCleaner removes a run's workers once the state API does not
     # know its controller; without an address of their own, the session's Ray processes asked
-    # the newest Ray instance on the machine, which is the second one here.
+    # the newest Ray instance on the machine, which is the second one here. A run on a Ray
+    # without a dashboard (the session's) now starts no cleaner at all (trainer.Trainer), and
+    # every Ray process still gets its own cluster's addresses (cluster.own_cluster): this
+    # keeps the outcome checked whichever of the two guards it.
     import threading
     import time
 
