@@ -131,20 +131,26 @@ def own_cluster() -> None:
     state API is down) rather than ask a stranger.
     """
     import ray
-    from ray._private.services import get_webui_url_from_internal_kv  # "" without a dashboard
 
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-    dashboard = get_webui_url_from_internal_kv()
+    dashboard = dashboard_address()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://{dashboard}" if dashboard else NO_STATE_API
+
+
+def dashboard_address() -> str:
+    """The connected cluster's dashboard (host:port), which serves Ray's state API; "" without
+    one."""
+    from ray._private.services import get_webui_url_from_internal_kv
+
+    return str(get_webui_url_from_internal_kv() or "")
 
 
 def has_state_api() -> bool:
     """Whether the connected cluster runs a dashboard, and with it Ray's state API (yes when
     Ray is not connected yet: the cluster that ``ray.init`` would start has one)."""
     import ray
-    from ray._private.services import get_webui_url_from_internal_kv  # "" without a dashboard
 
-    return not ray.is_initialized() or bool(get_webui_url_from_internal_kv())
+    return not ray.is_initialized() or bool(dashboard_address())
 
 
 # Port 9 (discard) takes no connection here: a state API lookup fails at once.

@@ -61,29 +61,29 @@ def kill_after_its_first_checkpoint(draw: int, storage: Path, seen: dict[int, li
     return thread
 
 
-@pytest.mark.slow
-def test_trials_of_two_draws_report_each_epochs_mean_retry_a_killed_draw_and_stop_early(
-        ray_session: None, tmp_path: Path) -> None:
-    # Selecting on train/lr makes ASHA's decision known in advance (as in test_tune's ASHA
-    # search): with seed 2 the second trial's lr (1.1e-4) is below the first's (7.5e-4), and
-    # one trial at a time, so ASHA stops the second after its first epoch's mean.
-    raw = tiny_config(tmp_path, dataset={"subsample": 64},
+def draws_config(tmp: Path, max_failures: int, **search: object) -> config.Config:
+    """Trials of two few-shot draws each, one trial at a time."""
+    raw = tiny_config(tmp, dataset={"subsample": 64},
                       train={"epochs": EPOCHS, "batch_size": 8, "k_shot": 4, "repeats": 2,
                              "warmup_steps": 1},
-                      search={"num_samples": 2, "max_concurrent_trials": 1, "seed": 2,
-                              "metric": "train/lr", "mode": "max",
-                              "scheduler": {"type": "asha", "grace_period": 1,
-                                            "reduction_factor": 3}},
-                      resources={"workers": 1, "cpus_per_worker": 0.5, "max_failures": 1})
-    cfg = config.load(write_config(tmp_path / "c.yaml", raw))
+                      search={"max_concurrent_trials": 1, **search},
+                      resources={"workers": 1, "cpus_per_worker": 0.5,
+                                 "max_failures": max_failures})
+    return config.load(write_config(tmp / "c.yaml", raw))
+
+
+@pytest.mark.slow
+def test_a_trial_of_two_draws_reports_each_epochs_mean_and_retries_a_killed_draw_alone(
+        ray_session: None, tmp_path: Path) -> None:
+    cfg = draws_config(tmp_path, 1, num_samples=1, scheduler={"type": "none"})
     before = set(draw_workers())  # other tests' draws, in this session's Ray
     killed: dict[int, list[str]] = {}
-    # The first trial's draw 1 loses its worker for real once its first epoch is a
-    # checkpoint, while draw 0 trains on.
+    # Draw 1 loses its worker for real once its first epoch is a checkpoint, while draw 0
+    # trains on.
     watcher = kill_after_its_first_checkpoint(1, tmp_path / "results", killed)
     summary = tune.run_search(cfg)
     watcher.join(timeout=1)
-    assert summary["num_completed"] == 2 and summary["num_failed"] == 0  # stopped: complete
+    assert summary["num_completed"] == 1 and summary["num_failed"] == 0
     assert len(killed) == 1, killed
     completed = summary["best_trial_id"]
     # Only draw 1 started again, from its checkpoint; draw 0's one worker went on.
@@ -100,7 +100,7 @@ def test_trials_of_two_draws_report_each_epochs_mean_retry_a_killed_draw_and_sto
     experiment = client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
     trial_run = runs.find_run(cfg.tracking.uri, cfg.tracking.experiment,
                               {runs.PARENT_TAG: summary["mlflow_parent_run_id"],
-                               runs.TRIAL_TAG: summary["best_trial_id"]})
+                               runs.TRIAL_TAG: completed})
     found = client.search_runs([experiment], f"tags.`{runs.PARENT_TAG}` = '{trial_run}'")
     assert sorted((r.data.tags[runs.KIND_TAG], r.data.tags[draws.DRAW_TAG]) for r in found) \
         == [("draw", "0"), ("draw", "1")]
@@ -114,8 +114,7 @@ def test_trials_of_two_draws_report_each_epochs_mean_retry_a_killed_draw_and_sto
                for r in draw_runs]
 
     # Tune got one report per epoch: the mean over the draws of that epoch, and its std.
-    frame = ray.tune.ExperimentAnalysis(summary["search_path"]).trial_dataframes[
-        summary["best_trial_id"]]
+    frame = ray.tune.ExperimentAnalysis(summary["search_path"]).trial_dataframes[completed]
     rows = frame.sort_values("epoch").to_dict("records")
     assert [int(r["epoch"]) for r in rows] == list(range(1, EPOCHS + 1))
     for row in rows:
@@ -133,15 +132,34 @@ def test_trials_of_two_draws_report_each_epochs_mean_retry_a_killed_draw_and_sto
     checkpoint = Path(summary["best_checkpoint"])
     assert checkpoint.parent.parent.name.endswith("-draws") and checkpoint.is_dir()
 
-    # The other trial: ASHA stopped it on its first epoch's mean, and its draws' workers and
-    # placement groups went with it.
+
+
+@pytest.mark.slow
+def test_asha_stops_a_trial_of_draws_and_its_draws_end_with_it(
+        ray_session: None, tmp_path: Path) -> None:
+    # Selecting on train/lr makes ASHA's decision known in advance (as in test_tune's ASHA
+    # search): with seed 2 the second trial's lr (1.1e-4) is below the first's (7.5e-4), and
+    # one trial at a time, so ASHA stops the second after its first epoch's mean. No worker
+    # restarts (max_failures 0): a stopped trial's Train run that restarts its workers after
+    # the search freed them keeps the new ones (README, "Not there yet").
+    cfg = draws_config(tmp_path, 0, num_samples=2, seed=2, metric="train/lr", mode="max",
+                       scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 3})
+    summary = tune.run_search(cfg)
+    assert summary["num_completed"] == 2 and summary["num_failed"] == 0  # stopped: complete
     frames = ray.tune.ExperimentAnalysis(summary["search_path"]).trial_dataframes
-    (stopped,) = set(frames) - {completed}
+    (stopped,) = set(frames) - {summary["best_trial_id"]}
     assert [int(e) for e in frames[stopped]["epoch"]] == [1]
-    stopped_run = client.get_run(runs.find_run(
-        cfg.tracking.uri, cfg.tracking.experiment,
-        {runs.PARENT_TAG: summary["mlflow_parent_run_id"], runs.TRIAL_TAG: stopped}))
-    assert stopped_run.data.tags["flyp_ray.status"] == "stopped"
+    # Its run and its draws' runs, which Tune's stop left open, end as stopped trials do.
+    client = MlflowClient(cfg.tracking.uri)
+    stopped_run = runs.find_run(cfg.tracking.uri, cfg.tracking.experiment,
+                                {runs.PARENT_TAG: summary["mlflow_parent_run_id"],
+                                 runs.TRIAL_TAG: stopped})
+    assert client.get_run(stopped_run).data.tags["flyp_ray.status"] == "stopped"
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+    its_draws = client.search_runs([experiment], f"tags.`{runs.PARENT_TAG}` = '{stopped_run}'")
+    assert sorted(r.data.tags[draws.DRAW_TAG] for r in its_draws) == ["0", "1"]
+    assert {r.info.status for r in its_draws} == {"FINISHED"}
+    # Its draws' workers and placement groups went with it.
     assert [g for g in ray.util.placement_group_table().values()
             if g["state"] == "CREATED"] == []
     its_workers = {pid for pid, lines in draw_workers().items()
