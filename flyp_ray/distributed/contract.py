@@ -13,7 +13,6 @@ DRAW = "draw"  # train_loop_config key: the few-shot draw the run trains (train.
 # train_loop_config key: the train fields whose values differ from RESUME_FROM's run (PBT)
 PERTURBED = "perturbed"
 MLFLOW_RUN = "mlflow_run_id"  # train_loop_config key: the run rank 0 logs to
-PLACEMENT_GROUP = "placement_group"  # reported key: the worker group's placement group id
 
 
 def clock() -> float:

@@ -30,7 +30,6 @@ from ray.util.queue import Queue
 
 from flyp_ray.config import Config, best_first, with_train
 from flyp_ray.distributed import side_by_side, trainer
-from flyp_ray.distributed.contract import PLACEMENT_GROUP
 from flyp_ray.errors import FlypRayError, first_line
 from flyp_ray.finetune import wiseft
 from flyp_ray.tracking import inputs, runs
@@ -136,9 +135,6 @@ class Means:
         if scored:
             row[CHECKPOINT] = best_first(scored, lambda r: float(r[self.metric]),
                                          self.mode)[0][CHECKPOINT]
-        groups = [r[PLACEMENT_GROUP] for r in rows if isinstance(r.get(PLACEMENT_GROUP), str)]
-        if groups:  # every draw's workers, for the search to free if the trial is stopped
-            row[PLACEMENT_GROUP] = ",".join(groups)
         return row
 
 

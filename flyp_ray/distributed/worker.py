@@ -23,14 +23,12 @@ from typing import Any
 import pyarrow.fs
 import ray.train
 import ray.train.torch
-import ray.util
 
 from flyp_ray.config import POPULATION, Config, objectives
 from flyp_ray.distributed.contract import (
     DRAW,
     MLFLOW_RUN,
     PERTURBED,
-    PLACEMENT_GROUP,
     RESUME_FROM,
     clock,
 )
@@ -161,7 +159,7 @@ class Checkpoints:
         upload = self._upload(self.host, epoch, metrics, done)
         # Ray needs a local folder to hand to the upload; it stays empty, and Ray deletes it.
         local = ray.train.Checkpoint.from_directory(tempfile.mkdtemp(prefix="flyp_ray-ckpt-"))
-        ray.train.report({**metrics, **placement_group()}, checkpoint=local,
+        ray.train.report(metrics, checkpoint=local,
                          checkpoint_dir_name=epoch_dir(epoch), checkpoint_upload_mode=ASYNC,
                          checkpoint_upload_fn=upload)
         self.last = done
@@ -208,7 +206,7 @@ def report(run: Run, cfg: Config, checkpoints: Checkpoints, epoch: int,
         checkpoints.report(run, epoch, metrics)
         return
     # Every worker calls report: it is a barrier, and metrics come from rank 0.
-    ray.train.report({**metrics, **placement_group()}, checkpoint=None,
+    ray.train.report(metrics, checkpoint=None,
                      checkpoint_dir_name=epoch_dir(epoch), checkpoint_upload_mode=ASYNC)
 
 
@@ -274,17 +272,6 @@ def checkpoint_extra(run: Run) -> dict[str, Any]:
     if run.zero_shot is not None:
         extra[WISEFT_BEST] = run.best.meta()
     return extra
-
-
-def placement_group() -> dict[str, str]:
-    """The worker group's placement group id, reported so that a search can free it.
-
-    A Tune scheduler stops a trial by killing its process; the worker group's reserved CPUs
-    then stay held unless Ray Train's cleaner reaches the state API (it needs the dashboard and
-    a single Ray instance on the machine). The search frees them itself with this id.
-    """
-    group = ray.util.get_current_placement_group()
-    return {PLACEMENT_GROUP: group.id.hex()} if group is not None else {}
 
 
 def report_diverged(run: Run, metrics: dict[str, float], error: str) -> None:

@@ -24,6 +24,7 @@ import logging
 import math
 import re
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,16 +32,13 @@ from typing import TYPE_CHECKING, Any
 import pyarrow.fs
 import ray.train
 import ray.tune
-import ray.util
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 from ray.tune.logger import JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, HyperBandScheduler, TrialScheduler
 from ray.tune.search import BasicVariantGenerator, Searcher
-from ray.util.placement_group import PlacementGroup, remove_placement_group
 
 from flyp_ray.config import POPULATION, Config, best_first, objectives, planned_epochs, with_train
-from flyp_ray.distributed import trainer, verbosity
-from flyp_ray.distributed.contract import PLACEMENT_GROUP
+from flyp_ray.distributed import orphans, trainer, verbosity
 from flyp_ray.errors import BadInput, ConfigError, FlypRayError, first_line, input_error
 from flyp_ray.finetune import wiseft
 from flyp_ray.search import budget, pbt, plots, recheck, space
@@ -125,45 +123,27 @@ def _write_text(path: str, text: str) -> None:
 
 
 class FreeStoppedWorkers(ray.tune.Callback):
-    """Free the reserved CPUs/GPUs of a trial's Train workers once the trial has ended.
+    """Free the reserved CPUs/GPUs of Train runs whose trial was killed, about once a second.
 
-    A scheduler stops a trial by killing its process, and with it the Ray Train controller,
-    whose worker placement group then stays reserved: later trials would wait for resources
-    that never come. Ray Train's own cleaner needs the state API, which is missing without a
-    dashboard or with several Ray instances on one machine, so the search does it itself.
+    A scheduler stops a trial (and PBT pauses one) by killing its process; its Train runs'
+    worker groups then stay reserved until the job ends (:mod:`flyp_ray.distributed.orphans`),
+    and later trials would wait for resources that never come. Only a group whose creator is
+    dead is freed: freeing the group of a trial still alive made its Train run start a new
+    worker group, which nobody then freed.
     """
 
-    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any,
-                          **info: Any) -> None:
-        free_workers(trial.last_result or {})
+    def __init__(self, every_s: float = 1.0) -> None:
+        self.every_s = every_s
+        self.last = -math.inf
 
-    def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        # A trial restarted after a pause (PBT copying another trial into it) had its process
-        # killed like a stopped one: its old worker group must not hold the new one's room.
-        free_workers(trial.last_result or {})
+    def on_step_begin(self, iteration: int, trials: list[Any], **info: Any) -> None:
+        if time.monotonic() - self.last >= self.every_s:
+            self.last = time.monotonic()
+            orphans.free_orphaned()
 
-    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        free_workers(trial.last_result or {})
-
-
-def free_workers(result: Mapping[str, Any]) -> None:
-    """Remove the placement groups a trial's workers reported (comma-separated: a trial of
-    few-shot draws has one per draw), if they are still held.
-
-    Never raises: an exception in a Tune callback aborts the whole search.
-    """
-    groups = result.get(PLACEMENT_GROUP)
-    if not isinstance(groups, str):
-        return
-    for group_hex in groups.split(","):
-        try:
-            if ray.util.placement_group_table().get(group_hex, {}).get("state") == "CREATED":
-                group_id = ray.PlacementGroupID(bytes.fromhex(group_hex))
-                remove_placement_group(PlacementGroup(group_id))
-                log.debug("freed the workers of an ended trial (placement group %s)",
-                          group_hex[:8])
-        except Exception as err:  # noqa: BLE001 - see the docstring
-            log.warning("could not free placement group %s: %s", group_hex[:8], err)
+    def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
+        # Tune has just killed the last trials: their controllers die a moment later.
+        orphans.settle()
 
 
 def scheduler(cfg: Config) -> TrialScheduler | None:
