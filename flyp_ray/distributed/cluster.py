@@ -128,7 +128,9 @@ def own_cluster() -> None:
     127.0.0.1:8265 as its state API, where another instance's dashboard may answer. So each
     process gets its own cluster's address, and its own dashboard as the state API; with no
     dashboard, an address that answers nothing, so the cleaner waits (as Ray does while the
-    state API is down) rather than ask a stranger.
+    state API is down) rather than ask a stranger. flyp-ray's own runs now start no cleaner
+    (:class:`flyp_ray.distributed.trainer.Trainer`); the hook stays for every other lookup a
+    Ray process of the job makes without an address.
     """
     import ray
 
@@ -143,14 +145,6 @@ def dashboard_address() -> str:
     from ray._private.services import get_webui_url_from_internal_kv
 
     return str(get_webui_url_from_internal_kv() or "")
-
-
-def has_state_api() -> bool:
-    """Whether the connected cluster runs a dashboard, and with it Ray's state API (yes when
-    Ray is not connected yet: the cluster that ``ray.init`` would start has one)."""
-    import ray
-
-    return not ray.is_initialized() or bool(dashboard_address())
 
 
 # Port 9 (discard) takes no connection here: a state API lookup fails at once.

@@ -29,7 +29,7 @@ except ImportError:  # pragma: no cover - another Ray
     DATASETS_CALLBACKS = CLEANER_CALLBACKS = ()
 
 from flyp_ray.config import Config, best_first, objectives
-from flyp_ray.distributed import cluster, verbosity
+from flyp_ray.distributed import verbosity
 from flyp_ray.distributed.contract import DRAW, MLFLOW_RUN, PERTURBED, RESUME_FROM, clock
 from flyp_ray.errors import FlypRayError
 from flyp_ray.finetune import wiseft
@@ -78,23 +78,23 @@ def scaling(cfg: Config) -> ScalingConfig:
 
 
 class Trainer(TorchTrainer):
-    """Ray's ``TorchTrainer``, less two helper actors where they cannot do their work.
+    """Ray's ``TorchTrainer``, less two helper actors whose work is done, or not needed.
 
     Ray Train V2 starts, for every run, a ``DatasetManager`` actor to hand out Ray Data shards
     and a ``PlacementGroupCleaner`` that removes the run's workers if its controller dies
     unannounced. Each is a process to start and ``import ray.train`` in: 3.2 and 2.9 CPU-s a
     trial of a 4-trial search here, out of ~43 (2026-12-04). Our workers read images with a
-    torch ``DataLoader`` and ask for no shard, so without datasets the manager goes. The
-    cleaner asks the state API whether the controller lives, and a cluster without a dashboard
-    has none (:func:`cluster.own_cluster` points it at an address that answers nothing): there
-    it never acts, so it goes too. With a dashboard it stays.
+    torch ``DataLoader`` and ask for no shard, so without datasets the manager goes. A
+    controller dies unannounced when a search kills its trial, and the search frees such runs'
+    workers itself (:mod:`flyp_ray.distributed.orphans`), with a dashboard or without one, which
+    the cleaner needs. Elsewhere the controller's owner is the command's driver, whose job ends
+    with it, and Ray frees the job's groups then. So the cleaner goes too.
     """
 
     def _create_default_callbacks(self) -> list[Any]:
         # mypy reads Ray Train V1's TorchTrainer, which builds no callbacks; V2's does.
         callbacks: list[Any] = super()._create_default_callbacks()  # type: ignore[misc]
-        idle = (() if self.datasets else DATASETS_CALLBACKS) + \
-            (() if cluster.has_state_api() else CLEANER_CALLBACKS)
+        idle = (() if self.datasets else DATASETS_CALLBACKS) + CLEANER_CALLBACKS
         return [c for c in callbacks if not isinstance(c, idle)]
 
 

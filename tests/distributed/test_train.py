@@ -16,7 +16,7 @@ import mlflow
 import pytest
 import torch
 
-from flyp_ray import cli, config
+from flyp_ray import cli
 from tests.support.configs import tiny_config, write_config
 from tests.support.processes import train_workers
 from tests.support.wilds_folder import write_iwildcam
@@ -77,8 +77,8 @@ def test_flyp_learns_the_synthetic_set(ray_session: None, tmp_path: Path,
 
     assert code == 0
     # One more Train controller in Ray's actor table, and no Ray Data dataset manager (the run
-    # reads no Ray Dataset) nor placement-group cleaner (this Ray has no dashboard, so no state
-    # API for it to ask): distributed/trainer.Trainer.
+    # reads no Ray Dataset) nor placement-group cleaner (a search frees a killed run's workers
+    # itself): distributed/trainer.Trainer.
     started = actors_by_class() - before
     assert started["TrainController"] == 1, started
     assert started["DatasetManager"] == started["PlacementGroupCleaner"] == 0, started
@@ -103,26 +103,6 @@ def actors_by_class() -> Counter[str]:
     import ray._private.state
 
     return Counter(a["ActorClassName"] for a in ray._private.state.actors().values())
-
-
-def test_the_cleaner_stays_where_a_state_api_answers(ray_session: None, tmp_path: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    from ray.train.v2._internal.callbacks.placement_group_callback import (
-        PlacementGroupCleanerCallback,
-    )
-
-    from flyp_ray.distributed import cluster, trainer
-
-    cfg = config.load(write_config(tmp_path / "c.yaml", tiny_config(tmp_path)))
-    built = trainer.build_trainer(cfg, "callbacks")
-
-    def cleaners() -> int:
-        return sum(isinstance(c, PlacementGroupCleanerCallback)
-                   for c in built._create_default_callbacks())
-
-    assert not cluster.has_state_api() and cleaners() == 0  # the session's Ray: no dashboard
-    monkeypatch.setattr(cluster, "has_state_api", lambda: True)
-    assert cleaners() == 1
 
 
 def test_checkpoint_resumes_in_another_run(ray_session: None, tmp_path: Path,
