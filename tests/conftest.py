@@ -33,9 +33,9 @@ def ray_session() -> Iterator[None]:
     # defined in tests run there too, so the repository root goes on their path. "local": a
     # Ray of the session's own, even where a `ray start` cluster runs on the machine (without
     # it, ray.init joins that one, and refuses num_cpus). Workers' and actors' output is not
-    # forwarded here: an actor left by one test (Train's PlacementGroupCleaner) can print late,
-    # into a later test's captured stderr, breaking its check that an error is one line. Their
-    # logs stay under Ray's session folder, and Train raises a worker's traceback to the driver.
+    # forwarded here: an actor left by one test can print late, into a later test's captured
+    # stderr, breaking its check that an error is one line. Their logs stay under Ray's
+    # session folder, and Train raises a worker's traceback to the driver.
     ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False,
              log_to_driver=False, runtime_env=runtime_env({"PYTHONPATH": str(REPO)}, local=True))
     yield
