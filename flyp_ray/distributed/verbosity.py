@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 ENV = "FLYP_RAY_VERBOSE"
 
@@ -110,9 +111,21 @@ def quiet_libraries() -> None:
         return
     logging.getLogger("ray").setLevel(logging.ERROR)
     logging.getLogger("ray.tune").setLevel(logging.WARNING)
+    quiet_repeated_steps()
     from mlflow.utils.logging_utils import disable_logging
 
     disable_logging()
+
+
+def quiet_repeated_steps() -> None:
+    """Silence Optuna's warning that a trial reported a step it has already.
+
+    A resumed trial reports its epochs from the start again, and Tune's Optuna searcher hands
+    each to Optuna, which warns, two lines per trial and epoch; it keeps the first value, which
+    is the same epoch's.
+    """
+    warnings.filterwarnings("ignore", category=UserWarning,
+                            message="The reported value is ignored because this `step=")
 
 
 def train_log_level() -> str:

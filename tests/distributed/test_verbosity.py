@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 
@@ -54,3 +55,17 @@ def test_the_choice_travels_to_ray_processes(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv(verbosity.ENV, "1")
     assert verbosity.env() == {verbosity.ENV: "1"}
     assert verbosity.tune_verbose() is None and verbosity.train_log_level() == "INFO"
+
+
+def test_optunas_warning_of_a_step_reported_again_is_silenced() -> None:
+    import optuna
+
+    trial = optuna.create_study().ask()
+    trial.report(0.5, step=1)
+    for quiet, warned in ((False, 1), (True, 0)):
+        with warnings.catch_warnings(record=True) as caught:  # restores the filters after
+            warnings.simplefilter("always")
+            if quiet:
+                verbosity.quiet_repeated_steps()
+            trial.report(0.5, step=1)  # what a resumed trial's first epoch does again
+        assert len(caught) == warned, [str(w.message) for w in caught]
