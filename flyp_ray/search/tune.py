@@ -19,9 +19,11 @@ child run per trial (named after the trial id, so a restarted trial finds and re
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import logging
 import math
+import pickle
 import re
 import sys
 import time
@@ -175,7 +177,51 @@ def check(cfg: Config, resume: bool = False) -> None:
     space.searcher(cfg, study_name=base_name(cfg))
     scheduler(cfg)
     if resume:
-        locate(cfg, resume=True)
+        check_saved_state(cfg, locate(cfg, resume=True))
+
+
+# The files Tune restores a search from, each the newest of its pattern in the search folder.
+SAVED_STATE = ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl",
+               "basic-variant-state-*.json")
+
+
+def check_saved_state(cfg: Config, search: Search) -> None:
+    """Refuse to resume a search whose saved state Tune could not read back.
+
+    Tune writes its state atomically in a staging folder, then copies it into the search
+    folder; a driver killed during the copy leaves a file there empty or cut short. Tune then
+    logs "Failed to restore the run state", starts over with half of it restored, and waits
+    for trials that never come (seen: an empty ``searcher-state-*.pkl``).
+    """
+    fs, root = pyarrow.fs.FileSystem.from_uri(search.path)
+    names = [i.base_name for i in fs.get_file_info(pyarrow.fs.FileSelector(root))
+             if i.type == pyarrow.fs.FileType.File]
+    for pattern in SAVED_STATE:
+        matching = sorted(n for n in names if fnmatch.fnmatch(n, pattern))
+        if matching:
+            path = f"{root}/{matching[-1]}"
+            with fs.open_input_file(path) as stream:
+                content = stream.read()
+            if not _readable(content):
+                raise BadInput(
+                    f"{cfg.source}: --resume: {search.path}/{matching[-1]} is cut short "
+                    f"({len(content)} bytes: the search was likely killed while saving it), "
+                    f"so Tune cannot restore the search; start a new one without --resume "
+                    f"(the finished trials stay in MLflow and in {search.path})")
+
+
+def _readable(content: bytes) -> bool:
+    """Whether a saved state file reads back: Tune writes JSON, or a pickle under either name."""
+    try:
+        json.loads(content)
+        return True
+    except ValueError:
+        pass
+    try:
+        pickle.loads(content)  # the search's own folder, which Tune unpickles anyway
+        return True
+    except Exception:  # noqa: BLE001 - any failure means Tune's would fail too
+        return False
 
 
 def trainable(cfg: Config, search: Search, parent_run_id: str,
@@ -246,6 +292,7 @@ def restore_tuner(cfg: Config, search: Search, parent_run_id: str,
     if not ray.tune.Tuner.can_restore(search.path):
         raise BadInput(f"{cfg.source}: {search.path} holds no Tune state to resume (it stopped "
                        f"before its first snapshot); start a fresh search without --resume")
+    check_saved_state(cfg, search)
     # Restoring unpickles the searcher state from the search folder: it must be trusted.
     return ray.tune.Tuner.restore(search.path, trainable(cfg, search, parent_run_id, data),
                                   resume_unfinished=True, resume_errored=True)

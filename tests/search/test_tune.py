@@ -22,6 +22,7 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from flyp_ray import cli, config
+from flyp_ray.errors import BadInput
 from flyp_ray.search import tune
 from flyp_ray.tracking import runs
 from tests.support.configs import LR_SPACE, tiny_config, write_config
@@ -231,6 +232,14 @@ def test_killed_search_resumes_without_rerunning_finished_trials(
                                                                    parent.info.run_id)}
     assert epochs_logged(client, before[done].info.run_id) == [1]
     done_files = files_with_times(search_dir / "trials" / done)
+    # A state file that a kill cut short is refused in one line, before Ray starts; Tune itself
+    # would restore half of the search and wait for trials that never come.
+    (saved,) = search_dir.glob("searcher-state-*.pkl")
+    intact = saved.read_bytes()
+    saved.write_bytes(intact[: len(intact) // 2])
+    with pytest.raises(BadInput, match=rf"{saved.name} is cut short \({len(intact) // 2} bytes"):
+        tune.check(config.load(path), resume=True)
+    saved.write_bytes(intact)
 
     summary = tune.run_search(config.load(path), resume=True)
 
