@@ -27,32 +27,18 @@ _UNREADABLE: list[bool] = []  # not empty once this process has warned that the 
 
 def orphaned() -> list[str]:
     """The ids (hex) of this job's held placement groups whose creating actor has died."""
-    return [group.placement_group_id.hex() for group in _job_groups()
-            if group.creator_actor_dead and not _nil(group.creator_actor_id)]
+    return [group.placement_group_id.hex() for group in _dead(_by_actors(_job_groups()))]
 
 
 def held_by_actors() -> list[str]:
     """The ids (hex) of this job's held placement groups that an actor created, live or dead:
     after a search, the worker groups of Train runs that have not finished dying."""
-    return [group.placement_group_id.hex() for group in _job_groups()
-            if not _nil(group.creator_actor_id)]
+    return [group.placement_group_id.hex() for group in _by_actors(_job_groups())]
 
 
 def free_orphaned() -> int:
-    """Remove this job's orphaned placement groups; how many it removed.
-
-    Never raises: it runs in Tune callbacks, where an exception aborts the whole search.
-    """
-    freed = 0
-    for group_hex in orphaned():
-        try:
-            remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group_hex))))
-            freed += 1
-            log.debug("freed the workers of a killed Train run (placement group %s)",
-                      group_hex[:8])
-        except Exception as err:  # noqa: BLE001 - see the docstring
-            log.warning("could not free placement group %s: %s", group_hex[:8], err)
-    return freed
+    """Remove this job's orphaned placement groups; how many it removed."""
+    return _free(_dead(_by_actors(_job_groups())))
 
 
 def settle(timeout_s: float = 10.0, poll_s: float = 0.2) -> None:
@@ -63,10 +49,39 @@ def settle(timeout_s: float = 10.0, poll_s: float = 0.2) -> None:
     """
     deadline = time.monotonic() + timeout_s
     while True:
-        free_orphaned()
-        if not held_by_actors() or time.monotonic() > deadline:
+        held = _by_actors(_job_groups())  # one read of the GCS a round
+        if _free(_dead(held)) == len(held) or time.monotonic() > deadline:
             return
         time.sleep(poll_s)
+
+
+def _free(groups: list[Any]) -> int:
+    """Remove ``groups``; how many it removed.
+
+    Never raises: it runs in Tune callbacks, where an exception aborts the whole search.
+    """
+    freed = 0
+    for group in groups:
+        group_hex = group.placement_group_id.hex()
+        try:
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(group.placement_group_id)))
+            freed += 1
+            log.debug("freed the workers of a killed Train run (placement group %s)",
+                      group_hex[:8])
+        except Exception as err:  # noqa: BLE001 - see the docstring
+            log.warning("could not free placement group %s: %s", group_hex[:8], err)
+    return freed
+
+
+def _by_actors(groups: list[Any]) -> list[Any]:
+    """The groups an actor created (a driver's or a task's carry Ray's nil actor id)."""
+    nil = ray.ActorID.nil().binary()
+    return [group for group in groups if group.creator_actor_id != nil]
+
+
+def _dead(groups: list[Any]) -> list[Any]:
+    """The groups whose creator has died, as the GCS records it."""
+    return [group for group in groups if group.creator_actor_dead]
 
 
 def _job_groups() -> list[Any]:  # gcs_pb2.PlacementGroupTableData, untyped by Ray
@@ -93,8 +108,3 @@ def _job_groups() -> list[Any]:  # gcs_pb2.PlacementGroupTableData, untyped by R
         return []
     return [row for row in rows
             if row.creator_job_id == job and row.state != removed and not row.is_detached]
-
-
-def _nil(actor_id: bytes) -> bool:
-    """Whether an actor id is Ray's nil id: the group's creator was a driver or a task."""
-    return actor_id == ray.ActorID.nil().binary()
