@@ -43,7 +43,6 @@ from flyp_ray.tracking import runs
 log = logging.getLogger(__name__)
 ASYNC = ray.train.CheckpointUploadMode.ASYNC
 
-FINAL_FLUSH_RETRIES = 7  # backoff 1 + 2 + ... + 64 s: about two minutes for MLflow to return
 WISEFT_BEST = "wiseft_best"  # checkpoint meta key: epoch and score of WiSE-FT's finetuned end
 
 
@@ -132,10 +131,10 @@ class Checkpoints:
     checkpoint, and the epoch reaches MLflow once, when it is trained again.
     """
 
-    def __init__(self, uri: str, run_id: str | None, name: str | None = None) -> None:
-        # name: this Train run's, where another Train run may write the same MLflow run (a
-        # population's trial); None: no other can, and nothing is asked before logging.
-        self.uri, self.run_id, self.name = uri, run_id, name
+    def __init__(self, uri: str, run_id: str | None) -> None:
+        # run_id None: epochs are not logged here (rank > 0, or a population's member, whose
+        # trial logs the epochs Tune lets it keep: flyp_ray.search.pbt).
+        self.uri, self.run_id = uri, run_id
         self.last: threading.Event | None = None  # set when the latest upload has ended
         self.host: checkpoint.Contents | None = None  # host buffers, reused once written
         # The last epoch in MLflow, asked for at the first upload (off the start-up's path):
@@ -157,11 +156,15 @@ class Checkpoints:
                                        reuse=self.host)
         done = threading.Event()
         upload = self._upload(self.host, epoch, metrics, done)
-        # Ray needs a local folder to hand to the upload; it stays empty, and Ray deletes it.
-        local = ray.train.Checkpoint.from_directory(tempfile.mkdtemp(prefix="flyp_ray-ckpt-"))
-        ray.train.report(metrics, checkpoint=local,
+        # Ray hands the reported checkpoint to the upload and would delete it afterwards; here
+        # it names the upload's own destination, and is kept. (A temporary local folder for
+        # it stayed behind in /tmp whenever the worker was killed before its upload ended.)
+        storage = ray.train.get_context().get_storage()
+        folder = storage.build_checkpoint_path_from_name(epoch_dir(epoch))
+        destination = ray.train.Checkpoint(folder, filesystem=storage.storage_filesystem)
+        ray.train.report(metrics, checkpoint=destination,
                          checkpoint_dir_name=epoch_dir(epoch), checkpoint_upload_mode=ASYNC,
-                         checkpoint_upload_fn=upload)
+                         checkpoint_upload_fn=upload, delete_local_checkpoint_after_upload=False)
         self.last = done
 
     def _upload(self, saved: checkpoint.Contents, epoch: int, metrics: dict[str, Any],
@@ -186,11 +189,6 @@ class Checkpoints:
     def log_epoch(self, epoch: int, metrics: dict[str, Any]) -> None:
         """The epoch's metrics to MLflow (``step=epoch``), unless an earlier attempt did."""
         if self.run_id is None:
-            return
-        if self.name is not None and runs.writer(self.uri, self.run_id) not in (None, self.name):
-            # A population's trial went on from another's checkpoint as a new Train run while
-            # this one was stopping: its epochs are the run's now.
-            log.info("epoch %d not logged: the run continues as another Train run", epoch)
             return
         if self.logged is None:
             self.logged = runs.last_step(self.uri, self.run_id, "epoch")
@@ -308,13 +306,11 @@ def train_loop_per_worker(loop_config: dict[str, Any], *, called: float | None =
     if run.rank == 0:
         resumed = f"; resuming after epoch {start}" if start else ""
         log.info("%s%s", startup_line(called, imported, run.timings), resumed)
+    # A population's member keeps training while Tune decides whether its line goes on; its
+    # trial logs an epoch only once Tune has let it (flyp_ray.search.pbt._Reporter).
     population = cfg.search.scheduler.type in POPULATION
-    checkpoints = Checkpoints(cfg.tracking.uri, run_id if run.rank == 0 else None,
-                              ray.train.get_context().get_experiment_name() if population else None)
-    if ray.train.get_checkpoint() is None and loop_config.get(RESUME_FROM):
-        # Continued from another run's checkpoint: the epochs after it are trained anew, and
-        # replace whatever another Train run (one stopping in the background) logged for them.
-        checkpoints.logged = start
+    checkpoints = Checkpoints(cfg.tracking.uri,
+                              run_id if run.rank == 0 and not population else None)
     readings = progress_log(run, cfg, run_id)
 
     def report_epoch(epoch: int, metrics: dict[str, float]) -> None:
@@ -328,7 +324,7 @@ def train_loop_per_worker(loop_config: dict[str, Any], *, called: float | None =
             readings.close()
         if run.rank == 0 and run_id is not None:
             # Metrics an MLflow outage held back: a last, longer try before the worker exits.
-            runs.flush(cfg.tracking.uri, run_id, retries=FINAL_FLUSH_RETRIES)
+            runs.flush(cfg.tracking.uri, run_id, retries=runs.FINAL_FLUSH_RETRIES)
     except TrialDiverged as err:
         log.warning("run diverged: %s", err)
         metrics = diverged_metrics(last[0] + 1, dict(zip(*objectives(cfg.search), strict=True)))

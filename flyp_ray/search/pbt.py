@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pyarrow.fs
+import ray.train
 import ray.tune
 from ray.train.v2.api.callback import UserCallback
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
@@ -212,6 +213,7 @@ def run_trial(cfg: Config, trial_id: str, run_id: str) -> None:
     checkpoint Tune handed it; report every epoch, with a Tune checkpoint at the intervals."""
     origin = _origin(ray.tune.get_checkpoint())
     name, resume_from, perturbed = trial_id, None, []
+    logged = runs.last_step(cfg.tracking.uri, run_id, "epoch")
     if origin is not None and origin["trial"] == trial_id:
         name = origin["run"]  # its own run again (a resumed search): Ray resumes its latest
     elif origin is not None:
@@ -219,18 +221,25 @@ def run_trial(cfg: Config, trial_id: str, run_id: str) -> None:
         resume_from = origin["path"]
         perturbed = [k for k in cfg.search.space
                      if getattr(cfg.train, k) != origin["config"].get(k)]
-        _log_lineage(cfg, run_id, origin, perturbed)
-    else:
+    last = _last_report(cfg.storage, name)
+    if origin is None:
         _log_values(cfg, run_id, epoch=0)
-    # Named before the Train run starts: from now on only it writes the trial's epochs.
-    runs.set_tags(cfg.tracking.uri, run_id, {runs.WRITER_TAG: name})
+    elif resume_from is not None and last is None:  # a new continuation, not a resumed one
+        _log_lineage(cfg, run_id, origin, perturbed)
+        # The line goes on from the other trial's epoch; this trial had logged none after it
+        # unless Tune let it go past (then the history goes back, and on from there).
+        logged = min(logged, int(origin["epoch"]))
+    report = _Reporter(cfg, trial_id, name, run_id, logged)
+    if last is not None and int(last.get("epoch", 0)) > (origin or {}).get("epoch", 0):
+        # The Train run got further than Tune's checkpoint before its trial stopped (it
+        # trains on while Tune decides): that epoch is this line's, and nobody logged it.
+        report(last)
     queue: Queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
     fit = trainer.build_trainer(cfg, name, mlflow_run_id=run_id, resume_from=resume_from,
                                 perturbed=perturbed, callbacks=[ReportThrough(queue)])
     outcome: dict[str, Any] = {}
     thread = threading.Thread(target=_fit, args=(fit, outcome), daemon=True)
     thread.start()
-    report = _Reporter(cfg, trial_id, name)
     while thread.is_alive():
         try:
             report(queue.get(timeout=0.5))
@@ -238,11 +247,21 @@ def run_trial(cfg: Config, trial_id: str, run_id: str) -> None:
             continue
     while not queue.empty():
         report(queue.get())
+    # Epochs an MLflow outage held back: a last, longer try before the trial ends.
+    runs.flush(cfg.tracking.uri, run_id, retries=runs.FINAL_FLUSH_RETRIES)
     if "error" in outcome:
         raise outcome["error"]
     if report.epochs == 0 and outcome["result"].metrics:
         # The Train run had finished before this restart: report its last epoch again.
         report(final_report(outcome["result"]))
+
+
+def _last_report(storage: str, name: str) -> dict[str, Any] | None:
+    """The last report of Train run ``name`` (with its checkpoint's path), if it has run."""
+    try:
+        return final_report(ray.train.Result.from_path(f"{storage.rstrip('/')}/{name}"))
+    except RuntimeError:  # Ray's answer when there is no run (or no snapshot of it) yet
+        return None
 
 
 def _fit(fit: Any, outcome: dict[str, Any]) -> None:
@@ -253,16 +272,28 @@ def _fit(fit: Any, outcome: dict[str, Any]) -> None:
 
 
 class _Reporter:
-    """Each Train report to Tune, with a Tune checkpoint at every perturbation epoch."""
+    """Each Train report to Tune, with a Tune checkpoint at every perturbation epoch, and to
+    the trial's MLflow run.
 
-    def __init__(self, cfg: Config, trial_id: str, run: str) -> None:
-        self.cfg, self.trial_id, self.run = cfg, trial_id, run
+    The trial logs its epochs, not the Train run's worker: the worker trains on while Tune
+    decides at a perturbation epoch, and if Tune stops the trial there (to continue it from
+    another's checkpoint), what it trained meanwhile is not this trial's line. ``ray.tune.report``
+    returns only once Tune has let the trial go on, so an epoch logged here, before its report
+    and after the previous one's, is on the line that continues: each epoch once.
+    """
+
+    def __init__(self, cfg: Config, trial_id: str, run: str, run_id: str, logged: int) -> None:
+        self.cfg, self.trial_id, self.run, self.run_id = cfg, trial_id, run, run_id
         self.interval = cfg.search.scheduler.perturbation_interval
+        self.logged = logged  # the last epoch in the trial's MLflow run
         self.epochs = 0
 
     def __call__(self, row: dict[str, Any]) -> None:
         self.epochs += 1
         epoch, path = int(row.get("epoch", 0)), row.get(CHECKPOINT_PATH_KEY)
+        if epoch > self.logged:
+            runs.log_metrics(self.cfg.tracking.uri, self.run_id, row, step=epoch)
+            self.logged = epoch
         if not path or epoch % self.interval:
             ray.tune.report(row)
             return
@@ -317,9 +348,10 @@ def _log_lineage(cfg: Config, run_id: str, origin: dict[str, Any], perturbed: li
     uri = cfg.tracking.uri
     tags = runs.client(uri).get_run(run_id).data.tags
     lineage = json.loads(tags.get(LINEAGE_TAG, "[]"))
-    lineage.append({"from_trial": origin["trial"], "from_epoch": origin["epoch"],
-                    "values": {k: getattr(cfg.train, k) for k in cfg.search.space},
-                    "changed": perturbed})
+    entry = {"from_trial": origin["trial"], "from_epoch": origin["epoch"],
+             "values": {k: getattr(cfg.train, k) for k in cfg.search.space}, "changed": perturbed}
+    if lineage[-1:] != [entry]:  # a resumed search may start the same continuation again
+        lineage.append(entry)
     runs.set_tags(uri, run_id, {LINEAGE_TAG: json.dumps(lineage),
                                 "flyp_ray.pbt.from_trial": origin["trial"],
                                 "flyp_ray.pbt.from_epoch": origin["epoch"]})

@@ -34,8 +34,10 @@ PARENT_TAG = "mlflow.parentRunId"
 # The Train run whose epochs a trial's MLflow run takes now: a population's trial continued
 # from another's checkpoint trains on as a new Train run, while its old one may still be
 # finishing an epoch in the background and must not write that epoch over the new one's.
-WRITER_TAG = "flyp_ray.writer"
 RETRIES = 3
+# A process's last try before it exits: backoff 1 + 2 + ... + 64 s, about two minutes for
+# MLflow to return.
+FINAL_FLUSH_RETRIES = 7
 
 # MLflow's UI reads this experiment tag to choose an experiment's first page; without it, its
 # GenAI overview (traces). Its UI code (3.17) knows genai_development, custom_model_development
@@ -281,12 +283,6 @@ def last_step(uri: str, run_id: str, key: str) -> int:
         tracking_uri=uri).get_metric_history(run_id, key))
     # -1, not 0: a zero-shot run reports its one result as epoch 0.
     return max((m.step for m in history or []), default=-1)
-
-
-def writer(uri: str, run_id: str) -> str | None:
-    """The Train run named to write the run's epochs (None: none named, or MLflow is away)."""
-    _, run = _retry("get_run", lambda: MlflowClient(tracking_uri=uri).get_run(run_id))
-    return None if run is None else run.data.tags.get(WRITER_TAG)
 
 
 def _numeric(value: object) -> bool:
