@@ -114,7 +114,13 @@ def runtime_env(env_vars: dict[str, str] | None = None, *,
     """
     return {"env_vars": {**RAY_ENV, **(LOCAL_RAY_ENV if local else {}), **verbosity.env(),
                          **(env_vars or {})},
-            "worker_process_setup_hook": f"{__name__}.{own_cluster.__name__}"}
+            "worker_process_setup_hook": f"{__name__}.{job_process.__name__}"}
+
+
+def job_process() -> None:
+    """Run in every Ray worker process of the job, before its first task or actor."""
+    own_cluster()
+    verbosity.quiet_ray_notices()
 
 
 def own_cluster() -> None:

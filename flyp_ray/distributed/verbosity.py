@@ -112,6 +112,7 @@ def quiet_libraries() -> None:
     logging.getLogger("ray").setLevel(logging.ERROR)
     logging.getLogger("ray.tune").setLevel(logging.WARNING)
     quiet_repeated_steps()
+    quiet_population()
     from mlflow.utils.logging_utils import disable_logging
 
     disable_logging()
@@ -126,6 +127,44 @@ def quiet_repeated_steps() -> None:
     """
     warnings.filterwarnings("ignore", category=UserWarning,
                             message="The reported value is ignored because this `step=")
+
+
+def quiet_population() -> None:
+    """Silence Tune's advice, at every PBT search, to reuse trial actors: a member's trial
+    drives a Train run of its own, and a continued member starts a new one whatever the actor."""
+    warnings.filterwarnings("ignore", category=UserWarning,
+                            message="Consider boosting PBT performance by enabling `reuse_actors`")
+
+
+def quiet_ray_notices() -> None:
+    """In a Ray process of the job: Ray Train's and Tune's notices (in a trial's process: a
+    Train run's snapshot found, a Tune checkpoint made or restored, each at every PBT decision
+    and resumed trial) stay out unless verbose; their warnings stay."""
+    if not enabled():
+        for name in ("ray.train", "ray.tune"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        train_errors = logging.getLogger(TRAIN_FN_ERRORS)
+        if not any(isinstance(f, StoppedRunTraceback) for f in train_errors.filters):
+            train_errors.addFilter(StoppedRunTraceback())
+
+
+# Where Ray Train logs a training function's traceback (ray/train/v2/_internal/util.py).
+TRAIN_FN_ERRORS = "ray.train.v2._internal.util"
+OWNER_DIED = "The actor is dead because its owner has died"
+
+
+class StoppedRunTraceback(logging.Filter):
+    """Drops the traceback of a Train worker whose run was torn down under it.
+
+    When Tune stops a trial (a scheduler's stop, a PBT decision), the trial's process dies, and
+    with it the Train run's controller and the actors it owns. A worker still training then
+    fails at its next report, which waits on the run's synchronisation actor, and Ray Train
+    logs some thirty lines of traceback for a run that nobody runs any more. Any other error's
+    traceback stays.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return OWNER_DIED not in record.getMessage()
 
 
 def train_log_level() -> str:

@@ -161,6 +161,8 @@ def _save(name: str, draw: Callable[[], Any], folder: Path) -> bool:
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             # Said of every custom target; _lower_is_better already orients it.
             warnings.filterwarnings("ignore", message=".*importances of params to achieve low")
+            # Said when a search has too few trials to rank (the plot is drawn all the same).
+            warnings.filterwarnings("ignore", message=".*quantiles select the same set of trials")
             drawn = draw()
     except Exception as err:  # noqa: BLE001 - one plot failing leaves the others
         log.warning("search plots: %s skipped: %s: %s", name, type(err).__name__, str(err)[:200])

@@ -261,8 +261,9 @@ def population_tuner(cfg: Config, search: Search, parent_run_id: str,
     drawn by Tune's own generator (seeded; warm-start points first) from the space as domains."""
     generator = BasicVariantGenerator(points_to_evaluate=list(points) or None,
                                       random_state=cfg.search.seed)
+    # No max_concurrent_trials: validate has made it hold the whole population, and Tune
+    # applies it to a Searcher only (it says so, in a line, for a generator).
     tune_config = ray.tune.TuneConfig(num_samples=cfg.search.num_samples,
-                                      max_concurrent_trials=cfg.search.max_concurrent_trials,
                                       search_alg=generator, scheduler=scheduler(cfg))
     return ray.tune.Tuner(trainable(cfg, search, parent_run_id, data),
                           param_space=pbt.param_space(cfg), tune_config=tune_config,

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -69,3 +70,53 @@ def test_optunas_warning_of_a_step_reported_again_is_silenced() -> None:
                 verbosity.quiet_repeated_steps()
             trial.report(0.5, step=1)  # what a resumed trial's first epoch does again
         assert len(caught) == warned, [str(w.message) for w in caught]
+
+
+# A Tune trial's process as Ray leaves it (its loggers at INFO, with a handler), then ours, then
+# the notices Ray Train and Tune give there at every PBT decision, and a warning.
+TRIAL = r"""
+import logging, sys
+ray_logger = logging.getLogger("ray")
+ray_logger.setLevel(logging.INFO)
+ray_logger.addHandler(logging.StreamHandler(sys.stderr))
+from flyp_ray.distributed import verbosity
+verbosity.quiet_ray_notices()
+logging.getLogger("ray.train.v2._internal.execution.checkpoint.checkpoint_manager").info(
+    "A run snapshot was found in storage folder at: '/r/trials/a'")
+logging.getLogger("ray.tune.trainable.trainable").info("Restored on 10.0.0.1 from checkpoint")
+logging.getLogger("ray.train.v2._internal.execution.storage").info(
+    "Checkpoint successfully created at: /r/checkpoint_000001")
+errors = logging.getLogger("ray.train.v2._internal.util")
+errors.error("Error in training function:\nActorDiedError: The actor died unexpectedly before "
+             "finishing this task.\n\tclass_name: SynchronizationActor\nThe actor is dead "
+             "because its owner has died. Owner Id: 0513")
+errors.error("Error in training function:\nValueError: bad batch")
+logging.getLogger("ray.tune.trainable.trainable").warning("trial is slow to stop")
+"""
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_a_trial_process_keeps_rays_notices_out_unless_verbose(verbose: bool) -> None:
+    env = {k: v for k, v in os.environ.items() if k != verbosity.ENV}
+    if verbose:
+        env[verbosity.ENV] = "1"
+    done = subprocess.run([sys.executable, "-c", TRIAL], env=env, capture_output=True,
+                          text=True, timeout=120, check=True)
+    lines = done.stderr.strip().splitlines()
+    assert lines[-3:] == ["Error in training function:", "ValueError: bad batch",
+                          "trial is slow to stop"]
+    # Quiet: the notices and the traceback of a worker whose run was torn down go.
+    assert len(lines) == (3 + 4 + 3 if verbose else 3), lines
+
+
+def test_tunes_advice_to_reuse_actors_under_pbt_is_silenced() -> None:
+    import ray.tune.tune
+
+    source = Path(ray.tune.tune.__file__).read_text(encoding="utf-8")
+    assert "Consider boosting PBT performance by enabling `reuse_actors`" in source  # Ray's text
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        verbosity.quiet_population()
+        warnings.warn("Consider boosting PBT performance by enabling `reuse_actors` as well as "
+                      "implementing `reset_config` for Trainable.", UserWarning, stacklevel=1)
+    assert caught == []
