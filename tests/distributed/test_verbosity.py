@@ -32,14 +32,19 @@ logging.getLogger("flyp_ray.finetune.model").warning("model.pretrained is null")
 """
 
 
-@pytest.mark.parametrize("verbose", [False, True])
-def test_a_worker_prints_its_own_lines_and_the_libraries_only_when_verbose(verbose: bool) -> None:
+def stderr_lines(script: str, verbose: bool) -> list[str]:
+    """What ``script`` prints on stderr in a fresh interpreter, FLYP_RAY_VERBOSE set or not."""
     env = {k: v for k, v in os.environ.items() if k != verbosity.ENV}
     if verbose:
         env[verbosity.ENV] = "1"
-    done = subprocess.run([sys.executable, "-c", WORKER], env=env, capture_output=True,
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                           text=True, timeout=120, check=True)
-    lines = done.stderr.strip().splitlines()
+    return done.stderr.strip().splitlines()
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_a_worker_prints_its_own_lines_and_the_libraries_only_when_verbose(verbose: bool) -> None:
+    lines = stderr_lines(WORKER, verbose)
     if verbose:
         assert lines == ["Loaded built-in flyp-tiny model config.",
                          "3239a8b4: epoch 1/4: train 2.0 s", "3239a8b4: epoch 2/4: train 2.1 s",
@@ -97,12 +102,7 @@ logging.getLogger("ray.tune.trainable.trainable").warning("trial is slow to stop
 
 @pytest.mark.parametrize("verbose", [False, True])
 def test_a_trial_process_keeps_rays_notices_out_unless_verbose(verbose: bool) -> None:
-    env = {k: v for k, v in os.environ.items() if k != verbosity.ENV}
-    if verbose:
-        env[verbosity.ENV] = "1"
-    done = subprocess.run([sys.executable, "-c", TRIAL], env=env, capture_output=True,
-                          text=True, timeout=120, check=True)
-    lines = done.stderr.strip().splitlines()
+    lines = stderr_lines(TRIAL, verbose)
     assert lines[-3:] == ["Error in training function:", "ValueError: bad batch",
                           "trial is slow to stop"]
     # Quiet: the notices and the traceback of a worker whose run was torn down go.
