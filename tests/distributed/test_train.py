@@ -19,6 +19,7 @@ import torch
 from flyp_ray import cli
 from tests.support.configs import tiny_config, write_config
 from tests.support.processes import train_workers
+from tests.support.second_ray import wait_until
 from tests.support.wilds_folder import write_iwildcam
 
 pytestmark = pytest.mark.slow
@@ -72,7 +73,8 @@ def test_flyp_learns_the_synthetic_set(ray_session: None, tmp_path: Path,
                       train={"epochs": 5, "batch_size": 32, "lr": 2.0e-3, "warmup_steps": 10,
                              "eval_batch_size": 300},
                       resources={"cpus_per_worker": 1})
-    before = actors_by_class()
+    before, alive = actors_by_class(), actors_by_class(alive=True)
+    handler = signal.getsignal(signal.SIGINT)
     code, out = run_cli(capsys, "train", str(write_config(tmp_path / "synthetic.yaml", raw)))
 
     assert code == 0
@@ -82,6 +84,10 @@ def test_flyp_learns_the_synthetic_set(ray_session: None, tmp_path: Path,
     started = actors_by_class() - before
     assert started["TrainController"] == 1, started
     assert started["DatasetManager"] == started["PlacementGroupCleaner"] == 0, started
+    # The command has its Ctrl-C back, and Ray's handler no longer keeps the controller alive.
+    assert signal.getsignal(signal.SIGINT) is handler
+    assert wait_until(lambda: actors_by_class(alive=True)["TrainController"]
+                      <= alive["TrainController"], 30)
     uri, run_id = raw["tracking"]["uri"], out["mlflow_run_id"]
     train_loss, held_out = history(uri, run_id, "train/loss"), history(uri, run_id, "id_val/loss")
     accuracy = history(uri, run_id, "id_val/acc")  # shown when the check fails
@@ -98,11 +104,13 @@ def test_flyp_learns_the_synthetic_set(ray_session: None, tmp_path: Path,
     assert len(speeds) == 5 and all(v > 0 for _, v in speeds)
 
 
-def actors_by_class() -> Counter[str]:
-    """How many actors of each class the session's Ray has started, dead ones included."""
+def actors_by_class(alive: bool = False) -> Counter[str]:
+    """How many actors of each class the session's Ray has started, dead ones included unless
+    ``alive``."""
     import ray._private.state
 
-    return Counter(a["ActorClassName"] for a in ray._private.state.actors().values())
+    return Counter(a["ActorClassName"] for a in ray._private.state.actors().values()
+                   if not alive or a["State"] != "DEAD")
 
 
 def test_checkpoint_resumes_in_another_run(ray_session: None, tmp_path: Path,
