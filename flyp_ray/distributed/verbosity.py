@@ -136,6 +136,11 @@ def quiet_population() -> None:
                             message="Consider boosting PBT performance by enabling `reuse_actors`")
 
 
+# Where Ray Train logs a training function's traceback (ray/train/v2/_internal/util.py).
+TRAIN_FN_ERRORS = "ray.train.v2._internal.util"
+OWNER_DIED = "The actor is dead because its owner has died"
+
+
 def quiet_ray_notices() -> None:
     """In a Ray process of the job: Ray Train's and Tune's notices (in a trial's process: a
     Train run's snapshot found, a Tune checkpoint made or restored, each at every PBT decision
@@ -146,11 +151,6 @@ def quiet_ray_notices() -> None:
         train_errors = logging.getLogger(TRAIN_FN_ERRORS)
         if not any(isinstance(f, StoppedRunTraceback) for f in train_errors.filters):
             train_errors.addFilter(StoppedRunTraceback())
-
-
-# Where Ray Train logs a training function's traceback (ray/train/v2/_internal/util.py).
-TRAIN_FN_ERRORS = "ray.train.v2._internal.util"
-OWNER_DIED = "The actor is dead because its owner has died"
 
 
 class StoppedRunTraceback(logging.Filter):

@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pyarrow.fs
-import ray.train
 import ray.tune
 from ray.train.v2.api.callback import UserCallback
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
@@ -49,7 +48,7 @@ from ray.util.queue import Empty, Queue
 from flyp_ray.config import Config, ParamSpec, objectives, planned_epochs
 from flyp_ray.distributed import trainer
 from flyp_ray.errors import ConfigError
-from flyp_ray.search.tune_row import final_report
+from flyp_ray.search.tune_row import final_report, stored_result
 from flyp_ray.tracking import runs
 
 log = logging.getLogger(__name__)
@@ -258,10 +257,8 @@ def run_trial(cfg: Config, trial_id: str, run_id: str) -> None:
 
 def _last_report(storage: str, name: str) -> dict[str, Any] | None:
     """The last report of Train run ``name`` (with its checkpoint's path), if it has run."""
-    try:
-        return final_report(ray.train.Result.from_path(f"{storage.rstrip('/')}/{name}"))
-    except RuntimeError:  # Ray's answer when there is no run (or no snapshot of it) yet
-        return None
+    result = stored_result(f"{storage.rstrip('/')}/{name}")
+    return final_report(result) if result is not None else None
 
 
 def _fit(fit: Any, outcome: dict[str, Any]) -> None:

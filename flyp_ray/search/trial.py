@@ -14,14 +14,13 @@ import dataclasses
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-import ray.train
 import ray.tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from flyp_ray.config import POPULATION, Config, with_train
 from flyp_ray.distributed import trainer
 from flyp_ray.errors import FlypRayError
-from flyp_ray.search.tune_row import final_report
+from flyp_ray.search.tune_row import final_report, stored_result
 from flyp_ray.tracking import inputs, runs
 
 if TYPE_CHECKING:
@@ -67,11 +66,8 @@ def run_trial(config: dict[str, Any], *, base: Config, parent_run_id: str,
 
 def latest_checkpoint(run_path: str) -> str | None:
     """The path of the latest checkpoint of the Ray Train run at ``run_path``, if it has one."""
-    try:
-        result = ray.train.Result.from_path(run_path)
-    except RuntimeError:  # Ray's answer when there is no run (or no snapshot of it) yet
-        return None
-    return result.checkpoint.path if result.checkpoint is not None else None
+    result = stored_result(run_path)
+    return result.checkpoint.path if result is not None and result.checkpoint else None
 
 
 @contextlib.contextmanager

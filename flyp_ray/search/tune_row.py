@@ -1,4 +1,5 @@
-"""The row a trial sends Tune for a Train run that had finished before the trial (re)started.
+"""The row a trial sends Tune for a Train run that had finished before the trial (re)started,
+and what a stored Train run holds.
 
 Its own module because both kinds of trial need it (:mod:`flyp_ray.search.trial` and a PBT
 member, :mod:`flyp_ray.search.pbt`), and the trial module imports the PBT one.
@@ -10,6 +11,15 @@ from typing import Any
 
 import ray.train
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
+
+
+def stored_result(run_path: str) -> ray.train.Result | None:
+    """What the Ray Train run at ``run_path`` has stored (its last report and checkpoint), if
+    it has run."""
+    try:
+        return ray.train.Result.from_path(run_path)
+    except RuntimeError:  # Ray's answer when there is no run (or no snapshot of it) yet
+        return None
 
 
 def final_report(result: ray.train.Result) -> dict[str, Any]:

@@ -31,9 +31,6 @@ log = logging.getLogger(__name__)
 KIND_TAG = "flyp_ray.kind"
 TRIAL_TAG = "flyp_ray.trial_id"
 PARENT_TAG = "mlflow.parentRunId"
-# The Train run whose epochs a trial's MLflow run takes now: a population's trial continued
-# from another's checkpoint trains on as a new Train run, while its old one may still be
-# finishing an epoch in the background and must not write that epoch over the new one's.
 RETRIES = 3
 # A process's last try before it exits: backoff 1 + 2 + ... + 64 s, about two minutes for
 # MLflow to return.
