@@ -1,16 +1,23 @@
 #!/usr/bin/env bash
-# The H200 figures of docs/PERFORMANCE.md, as one script (about 10 minutes on one GPU):
+# The H200 figures of docs/PERFORMANCE.md, as one script (at most 18 minutes: the steps' caps):
 #   bash bench/gpu_check.sh [OUT_DIR]
+#   BUDGET=540 bash bench/gpu_check.sh OUT_DIR    # what fits in 9 minutes, most telling first
 # Random initialisation throughout: speed does not depend on the weights, and nothing is fetched.
 #
-# SMOKE=1 runs every step of it on the CPU with the tiny ViT and a few steps (about 5 minutes),
-# to check the script itself before GPU time is spent on it.
-set -euo pipefail
+# The steps run in order of what their figure is worth (the step's MFU first, the CPU-only data
+# path last). With BUDGET (seconds), each step gets at most its cap and the time left, and a step
+# that would get under 25 s is skipped: a GPU lent for a fixed time brings back the first
+# figures whole rather than every figure cut off. Each step's output is OUT_DIR/<step>.txt.
+#
+# SMOKE=1 runs every step of it on the CPU with the tiny ViT and a few steps (about 10 minutes on
+# 2 cores), to check the script itself before GPU time is spent on it.
+set -uo pipefail
 out="${1:-bench-gpu-out}"
 mkdir -p "$out"
 py="${PYTHON:-python}"
 cores="$(nproc)"
-run() { echo "+ $*" >&2; "$@"; }
+start=$SECONDS
+budget="${BUDGET:-0}"
 if [[ "${SMOKE:-0}" == 1 ]]; then
     arch=flyp-tiny-vit device=cpu bf16_batch=16 fp32_batch=16 steps=2 repeats=1 images=64
     # the epoch benchmark: a few images, one pair of runs, one CPU per run
@@ -18,29 +25,45 @@ if [[ "${SMOKE:-0}" == 1 ]]; then
     epoch_big=(--arch flyp-tiny-vit)
 else
     arch=ViT-B-16 device=cuda bf16_batch=256 fp32_batch=128 steps=10 repeats=5 images=2000
-    epoch_args=(--device cuda --cpus 8 --repeats 3 --epochs 6)
+    epoch_args=(--device cuda --cpus 8 --repeats 2 --epochs 6)
     # ViT-B-16 on the same 1,200 images: the per-epoch costs around the step (a 1.8 GB
     # checkpoint, the zero-shot head, reporting) against a step that is short on an H200
-    epoch_big=(--arch ViT-B-16 --repeats 2 --epochs 4)
+    epoch_big=(--arch ViT-B-16 --repeats 1 --epochs 4)
 fi
-step() { "$py" bench/step_throughput.py --arch "$arch" --device "$device" "$@"; }
+
+# step NAME CAP_SECONDS COMMAND...: run it (within the budget, if one is set), output to a file
+step() {
+    local name=$1 cap=$2; shift 2
+    local limit=$cap
+    if (( budget > 0 )); then
+        local left=$(( budget - (SECONDS - start) ))
+        (( left < limit )) && limit=$left
+        if (( limit < 25 )); then echo "= $name: skipped, ${left}s of the budget left" >&2; return; fi
+    fi
+    echo "= $name (at most ${limit}s): $*" >&2
+    timeout -k 10 "$limit" "$@" 2>&1 | tee "$out/$name.txt"
+    echo "= $name: exit ${PIPESTATUS[0]} after $(( SECONDS - start ))s" >&2
+}
+throughput=("$py" bench/step_throughput.py --arch "$arch" --device "$device" --steps "$steps")
+half=$(( (repeats + 1) / 2 ))
+
 # Step throughput and MFU: ViT-B-16 at 224 px, bf16 (target >= 50% MFU, ~3,200 pairs/s); fp32 too.
-run step --precision bf16 --batch "$bf16_batch" --peak-tflops 989 --steps "$steps" \
-    --repeats "$repeats" | tee "$out/step_bf16.txt"
-run step --precision fp32 --batch "$fp32_batch" --peak-tflops 67 --steps "$steps" \
-    --repeats "$(( (repeats + 1) / 2 ))" | tee "$out/step_fp32.txt"
-# train.compile on the same step: worth turning on only if this beats the bf16 line clearly.
-run step --precision bf16 --batch "$bf16_batch" --peak-tflops 989 --steps "$steps" \
-    --repeats "$(( (repeats + 1) / 2 ))" --compile | tee "$out/step_bf16_compile.txt"
+step step_bf16 120 "${throughput[@]}" --precision bf16 --batch "$bf16_batch" --peak-tflops 989 \
+    --repeats "$repeats"
+step step_fp32 90 "${throughput[@]}" --precision fp32 --batch "$fp32_batch" --peak-tflops 67 \
+    --repeats "$half"
 # Ray overhead on the same step (target: within 2%).
-run "$py" bench/ray_overhead.py --arch "$arch" --precision bf16 --batch "$bf16_batch" \
-    --device "$device" --threads "$cores" --steps "$(( steps * 3 ))" --repeats 3 \
-    | tee "$out/ray_overhead.txt"
-# What the loader delivers per core against what the step consumes.
-run "$py" bench/data_path.py --images "$images" --step-rate 3200 --repeats "$repeats" \
-    | tee "$out/data_path.txt"
+step ray_overhead 150 "$py" bench/ray_overhead.py --arch "$arch" --precision bf16 \
+    --batch "$bf16_batch" --device "$device" --threads "$cores" --steps "$(( steps * 3 ))" \
+    --repeats 3
 # An epoch of `flyp-ray train` against a bare open_clip loop (target <= 1.05x), and its fixed
-# cost: the tiny model (what docs/PERFORMANCE.md compares on CPU), then the big one, fewer runs.
-run "$py" bench/epoch_overhead.py "${epoch_args[@]}" | tee "$out/epoch_overhead.txt"
-run "$py" bench/epoch_overhead.py "${epoch_args[@]}" "${epoch_big[@]}" \
-    | tee "$out/epoch_overhead_big.txt"
+# cost: the tiny model (what docs/PERFORMANCE.md compares on CPU).
+step epoch_overhead 200 "$py" bench/epoch_overhead.py "${epoch_args[@]}"
+# train.compile on the same step: worth turning on only if this beats the bf16 line clearly.
+step step_bf16_compile 150 "${throughput[@]}" --precision bf16 --batch "$bf16_batch" \
+    --peak-tflops 989 --repeats "$half" --compile
+# The big model's epoch, one pair of runs.
+step epoch_overhead_big 240 "$py" bench/epoch_overhead.py "${epoch_args[@]}" "${epoch_big[@]}"
+# What the loader delivers per core against what the step consumes (CPU work: last).
+step data_path 120 "$py" bench/data_path.py --images "$images" --step-rate 3200 \
+    --repeats "$repeats"
