@@ -15,6 +15,13 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Under pytest-xdist each test process has a Ray folder of its own: the `ray start` heads some
+# tests run write the machine's ray_current_cluster there, which a command without RAY_ADDRESS
+# joins. In a shared /tmp/ray, another process's command would join that head.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ["RAY_TMPDIR"] = os.path.join(os.environ.get("RAY_TMPDIR", "/tmp"),
+                                            os.environ["PYTEST_XDIST_WORKER"])
+    os.makedirs(os.environ["RAY_TMPDIR"], exist_ok=True)
 
 from flyp_ray.distributed.cluster import runtime_env  # noqa: E402
 from flyp_ray.finetune.model import tiny_config_path  # noqa: E402

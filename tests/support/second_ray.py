@@ -22,12 +22,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import requests
+from ray._common.utils import get_ray_address_file
 
 from tests.support.servers import free_port
 
 BIN = Path(sys.executable).parent
 DEFAULT_DASHBOARD = 8265
-CURRENT_CLUSTER = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+# Where Ray looks for it: /tmp/ray, or RAY_TMPDIR's ray folder (conftest, under pytest-xdist).
+CURRENT_CLUSTER = Path(get_ray_address_file(None))
 
 
 @contextlib.contextmanager
