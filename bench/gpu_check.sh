@@ -9,8 +9,9 @@
 # that would get under 25 s is skipped: a GPU lent for a fixed time brings back the first
 # figures whole rather than every figure cut off. Each step's output is OUT_DIR/<step>.txt.
 #
-# SMOKE=1 runs every step of it on the CPU with the tiny ViT and a few steps (about 10 minutes on
-# 2 cores), to check the script itself before GPU time is spent on it.
+# SMOKE=1 runs every step of it on the CPU with the tiny ViT and a few steps, to check the script
+# itself before GPU time is spent on it (minutes on 2 cores: the bf16 step's matmul ceiling alone
+# ran over 80 s on one without bf16 matrix units).
 set -uo pipefail
 out="${1:-bench-gpu-out}"
 mkdir -p "$out"
