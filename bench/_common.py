@@ -30,6 +30,16 @@ CONFIGS = Path(__file__).parent / "configs"
 TEMPLATES = ["a photo of a {}.", "a picture of a {}."]
 
 
+def worker_path(*folders: str) -> str:
+    """``PYTHONPATH`` for a Ray worker: ``folders`` ahead of this process's own.
+
+    A runtime_env's variable replaces the raylet's, so a PYTHONPATH naming only the bench folder
+    leaves workers unable to import Ray itself wherever the packages come from PYTHONPATH (the
+    worker then never starts and ``fit()`` waits for ever).
+    """
+    return os.pathsep.join([*folders, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+
+
 def arch_path(arch: str) -> str:
     """An arch name, or a bench config JSON given by its stem (e.g. ``bench-vit-s``)."""
     local = CONFIGS / f"{arch}.json"

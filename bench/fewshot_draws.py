@@ -33,7 +33,7 @@ sys.path.insert(0, HERE)
 
 import ray  # noqa: E402
 import ray.train  # noqa: E402
-from _common import machine, median, spread  # noqa: E402
+from _common import machine, median, spread, worker_path  # noqa: E402
 from ray.train.torch import TorchTrainer  # noqa: E402
 
 from flyp_ray.config import Config, from_dict  # noqa: E402
@@ -103,7 +103,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse(argv)
     ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False,
-             runtime_env=runtime_env({"PYTHONPATH": f"{HERE}:{REPO}"}, local=True))
+             runtime_env=runtime_env({"PYTHONPATH": worker_path(HERE, REPO)}, local=True))
     row, side = [], []
     with tempfile.TemporaryDirectory() as folder:
         cfg = bench_config(args, folder)

@@ -30,7 +30,7 @@ import ray  # noqa: E402
 import ray.train  # noqa: E402
 import ray.tune  # noqa: E402
 import torch  # noqa: E402
-from _common import build_step, machine, median, spread, time_steps  # noqa: E402
+from _common import build_step, machine, median, spread, time_steps, worker_path  # noqa: E402
 from ray.train.torch import TorchTrainer  # noqa: E402
 
 from flyp_ray.distributed.cluster import runtime_env  # noqa: E402
@@ -132,8 +132,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "steps": args.steps, "warmup": args.warmup, "threads": args.threads,
               "device": args.device}
     # The product's Ray settings (its health-check interval, no preemption watcher here).
+    env = runtime_env({"PYTHONPATH": worker_path(HERE)}, local=True)
     ray.init(num_cpus=max(args.threads, os.cpu_count() or 1), include_dashboard=False,
-             log_to_driver=False, runtime_env=runtime_env({"PYTHONPATH": HERE}, local=True))
+             log_to_driver=False, runtime_env=env)
     plain: dict[str, list[float]] = {"pairs_per_s": [], "pairs_per_cpu_s": []}
     in_worker: dict[str, list[float]] = {"pairs_per_s": [], "pairs_per_cpu_s": []}
     startup, floor = [], []

@@ -42,7 +42,7 @@ import optuna  # noqa: E402
 import ray  # noqa: E402
 import ray.tune  # noqa: E402
 import torch  # noqa: E402
-from _common import machine  # noqa: E402
+from _common import machine, worker_path  # noqa: E402
 from ray.tune.logger import JsonLoggerCallback  # noqa: E402
 from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining  # noqa: E402
 from ray.tune.search import BasicVariantGenerator  # noqa: E402
@@ -146,7 +146,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     weights = str(pretrain.pretrain_tiny()) if args.pretrained else None
     fixed = {"epochs": args.epochs, "subsample": args.subsample, "weights": weights}
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": HERE, "OMP_NUM_THREADS": "1"}})
+             runtime_env={"env_vars": {"PYTHONPATH": worker_path(HERE),
+                                      "OMP_NUM_THREADS": "1"}})
     grid_epochs = math.prod(len(v) for v in GRID.values()) * args.epochs
     with tempfile.TemporaryDirectory() as storage:
         if args.grid_best is None:
