@@ -554,6 +554,16 @@ def best_first(items: Iterable[T], score: Callable[[T], float], mode: str) -> li
     return sorted(items, key=score, reverse=mode == "max")
 
 
+def last_best(epochs: Iterable[T], score: Callable[[T], float], mode: str) -> T:
+    """The best of a run's ``epochs`` (in order) by ``score``; of equal scores the last.
+
+    Ray Train keeps the last of equally scored checkpoints (and :class:`wiseft.Best` the last
+    of equal epochs' weights): choosing the same epoch everywhere makes a trial's end line, the
+    summary and the kept checkpoint agree.
+    """
+    return best_first(reversed(list(epochs)), score, mode)[0]
+
+
 # Metrics whose direction is never in doubt: a search that maximises a loss is a typo.
 _BETTER = {"loss": "min", "acc": "max", "macro_f1": "max", "worst_group_acc": "max"}
 

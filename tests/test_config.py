@@ -180,3 +180,14 @@ def test_mlflow_params_show_the_effective_recipe(tmp_path: Path) -> None:
 def test_temperatures_past_clips_cap_are_allowed_without_a_clamp(tmp_path: Path) -> None:
     assert load_text(tmp_path, "train: {temperature: 0.005}\n").train.temperature == 0.005
     assert load_text(tmp_path, "train: {recipe: clip, temperature: 0.01}\n").train.recipe == "clip"
+
+
+def test_last_best_takes_the_later_of_equal_epochs() -> None:
+    # Ray Train keeps the later of two equally scored checkpoints: the chosen epoch must be it.
+    epochs = [{"epoch": 1, "acc": 0.4}, {"epoch": 2, "acc": 0.4}, {"epoch": 3, "acc": 0.3}]
+    assert config.last_best(epochs, lambda e: e["acc"], "max")["epoch"] == 2
+    assert config.last_best(epochs, lambda e: e["acc"], "min")["epoch"] == 3
+    losses = [{"epoch": 1, "loss": 0.5}, {"epoch": 2, "loss": 0.2}, {"epoch": 3, "loss": 0.2}]
+    assert config.last_best(losses, lambda e: e["loss"], "min")["epoch"] == 3
+    # between trials the earlier of equals stays first
+    assert config.best_first(epochs, lambda e: e["acc"], "max")[0]["epoch"] == 1

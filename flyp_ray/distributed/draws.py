@@ -28,7 +28,7 @@ import ray.train
 from ray.train.v2.api.callback import UserCallback
 from ray.util.queue import Queue
 
-from flyp_ray.config import Config, best_first, with_train
+from flyp_ray.config import Config, best_first, last_best, with_train
 from flyp_ray.distributed import side_by_side, trainer
 from flyp_ray.errors import FlypRayError, first_line
 from flyp_ray.finetune import wiseft
@@ -225,7 +225,7 @@ def outcome(cfg: Config, name: str, run_id: str | None, drawn: Drawn) -> trainer
         draw, error = failed[0] if failed else (0, "no epoch reported")
         raise FlypRayError(f"run {name}: draw {draw} failed: {error}")
     metric, mode = trainer.selection(cfg)
-    best = best_first(drawn.means, lambda r: float(r.get(metric, 0.0)), mode)[0]
+    best = last_best(drawn.means, lambda r: float(r.get(metric, 0.0)), mode)
     metrics = wiseft.with_sweep(best, drawn.means[-1])
     return trainer.TrainOutcome(
         metrics={k: float(v) for k, v in metrics.items() if _is_number(v)},

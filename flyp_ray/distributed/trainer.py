@@ -30,7 +30,7 @@ try:  # Ray Train V2's internals; without them the trainer is Ray's own (see Tra
 except ImportError:  # pragma: no cover - another Ray
     DATASETS_CALLBACKS = CLEANER_CALLBACKS = ()
 
-from flyp_ray.config import Config, best_first, objectives
+from flyp_ray.config import Config, last_best, objectives
 from flyp_ray.distributed import verbosity
 from flyp_ray.distributed.contract import DRAW, MLFLOW_RUN, PERTURBED, RESUME_FROM, clock
 from flyp_ray.errors import FlypRayError
@@ -165,7 +165,7 @@ def best_of(result: ray.train.Result, metric: str,
         if result.checkpoint is None:
             raise FlypRayError(f"run {result.path} reported no checkpoint")
         return result.checkpoint, dict(result.metrics or {})
-    return best_first(scored, lambda cm: float(cm[1][metric]), mode)[0]
+    return last_best(scored, lambda cm: float(cm[1][metric]), mode)
 
 
 def new_name(cfg: Config) -> str:

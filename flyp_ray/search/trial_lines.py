@@ -128,7 +128,8 @@ class TrialLines(ray.tune.Callback):
             if result.get("diverged"):
                 continue  # the worst value a diverged epoch reports is no measurement
             held = best.get(metric)
-            if held is None or (value > held[0] if mode == "max" else value < held[0]):
+            # of equal values the later epoch, as everywhere (config.last_best)
+            if held is None or (value >= held[0] if mode == "max" else value <= held[0]):
                 best[metric] = (float(value), epoch)
 
     def values(self, trial_id: str) -> str:

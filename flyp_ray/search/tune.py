@@ -39,7 +39,15 @@ from ray.tune.logger import JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, HyperBandScheduler, TrialScheduler
 from ray.tune.search import BasicVariantGenerator, Searcher
 
-from flyp_ray.config import POPULATION, Config, best_first, objectives, planned_epochs, with_train
+from flyp_ray.config import (
+    POPULATION,
+    Config,
+    best_first,
+    last_best,
+    objectives,
+    planned_epochs,
+    with_train,
+)
 from flyp_ray.distributed import orphans, trainer, verbosity
 from flyp_ray.errors import BadInput, ConfigError, FlypRayError, first_line, input_error
 from flyp_ray.finetune import wiseft
@@ -355,13 +363,8 @@ def _kept(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _best_row(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:
-    best = None
-    for row in rows:
-        if not _is_metric(metric, row.get(metric)):
-            continue
-        if best is None or _better(float(row[metric]), float(best[metric]), mode):
-            best = row
-    return best
+    scored = [r for r in rows if _is_metric(metric, r.get(metric))]
+    return last_best(scored, lambda r: float(r[metric]), mode) if scored else None
 
 
 def _status(tune_status: str, epochs: int, planned: int) -> str:

@@ -18,8 +18,9 @@ from flyp_ray.config import from_dict
 from flyp_ray.search.trial_lines import TrialLines
 from tests.support.configs import tiny_config
 
-CASES = ("completes", "stopped", "fails", "diverges")
+CASES = ("completes", "stopped", "fails", "diverges", "plateaus")
 ACC = {"completes": 0.3, "stopped": 0.2, "fails": 0.1, "diverges": 0.25}
+PLATEAU = (0.4, 0.4, 0.3)  # two equal bests: the line names the later, as the summary does
 
 
 def scripted(config: dict[str, Any]) -> None:
@@ -31,8 +32,8 @@ def scripted(config: dict[str, Any]) -> None:
         if case == "diverges" and epoch == 2:  # what the worker reports: the worst value
             ray.tune.report({"epoch": 2, "diverged": 1.0, "id_val/acc": 0.0})
             return
-        ray.tune.report({"epoch": epoch, "id_val/acc": ACC[case] * epoch,
-                         "stop_here": case == "stopped"})
+        acc = PLATEAU[epoch - 1] if case == "plateaus" else ACC[case] * epoch
+        ray.tune.report({"epoch": epoch, "id_val/acc": acc, "stop_here": case == "stopped"})
 
 
 class StopWhenAsked(ray.tune.Stopper):
@@ -74,6 +75,8 @@ def test_each_trial_says_when_it_starts_and_how_it_ended(
     # the diverged epoch's worst value is a marker, not a measurement
     assert ended["diverges"] == f"trial {started['diverges']} diverged at epoch 2: id_val/acc " \
                                 "0.250 (best, epoch 1)"
+    assert ended["plateaus"] == f"trial {started['plateaus']} completed: id_val/acc 0.400 " \
+                                "(best, epoch 2)"
     assert len(lines) == 2 * len(CASES)
 
 

@@ -289,6 +289,13 @@ def test_tune_all_warm_starts_from_the_previous_best(ray_session: None, tmp_path
     assert second_trials[1].config != second_trials[0].config
 
 
+def test_a_trials_best_epoch_is_the_later_of_equals_and_skips_rows_without_the_metric() -> None:
+    rows = [{"epoch": 1, "id_val/acc": 0.5}, {"epoch": 2}, {"epoch": 3, "id_val/acc": 0.5},
+            {"epoch": 4, "id_val/acc": float("nan")}]
+    assert tune._best_row(rows, "id_val/acc", "max") == {"epoch": 3, "id_val/acc": 0.5}
+    assert tune._best_row([{"epoch": 1}], "id_val/acc", "max") is None
+
+
 def test_resume_without_a_search_is_bad_input(tmp_path: Path, wilds_root: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     path = search_config(tmp_path, wilds_root, epochs=1)
