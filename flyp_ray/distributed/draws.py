@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 KIND = "draw"  # flyp_ray.kind of a draw's run
 DRAW_TAG = "flyp_ray.draw"
-CHECKPOINT = "checkpoint_path"  # a mean row's checkpoint: Tune's CHECKPOINT_PATH_KEY
+CHECKPOINT = trainer.CHECKPOINT_PATH  # a mean row's checkpoint
 
 Row = dict[str, Any]
 
@@ -171,12 +171,7 @@ def stored_rows(cfg: Config, name: str, draw: int) -> list[Row]:
     checkpoints and its latest. Earlier epochs were reported before the restart."""
     result = trainer.finished_result(draw_config(cfg, draws_storage(cfg, name)),
                                      draw_name(name, draw))
-    if result is None:
-        return []
-    rows = [{**m, CHECKPOINT: c.path} for c, m in (result.best_checkpoints or [])]
-    if result.metrics and result.checkpoint is not None:
-        rows.append({**result.metrics, CHECKPOINT: result.checkpoint.path})
-    return [r for r in rows if "epoch" in r]
+    return [] if result is None else trainer.kept_reports(result)
 
 
 def run_draws(cfg: Config, name: str, parent_run_id: str | None,

@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+CHECKPOINT_PATH = "checkpoint_path"  # Tune's CHECKPOINT_PATH_KEY; Tune is not imported here
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainOutcome:
@@ -250,6 +252,16 @@ def finished_result(cfg: Config, name: str) -> ray.train.Result | None:
         return ray.train.Result.from_path(f"{storage_path(cfg).rstrip('/')}/{name}")
     except RuntimeError:  # Ray's answer when there is no run (or no snapshot of it)
         return None
+
+
+def kept_reports(result: ray.train.Result) -> list[dict[str, Any]]:
+    """The epochs a stored Train run still knows: the reports of its kept checkpoints (the
+    best and the latest) and its last report, each with its checkpoint's path under Tune's
+    ``CHECKPOINT_PATH_KEY``. A driver restarted after a crash has lost the earlier reports."""
+    rows = [{**m, CHECKPOINT_PATH: c.path} for c, m in (result.best_checkpoints or [])]
+    if result.metrics and result.checkpoint is not None:
+        rows.append({**result.metrics, CHECKPOINT_PATH: result.checkpoint.path})
+    return [r for r in rows if "epoch" in r]
 
 
 def _is_number(value: Any) -> bool:

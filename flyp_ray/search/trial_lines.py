@@ -27,6 +27,7 @@ import ray.tune
 
 from flyp_ray.config import Config, objectives, planned_epochs
 from flyp_ray.errors import FlypRayError, first_line, worker_failure
+from flyp_ray.search.tune_row import kept_epochs
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,8 @@ def cause(error: BaseException | None) -> str:
 class TrialLines(ray.tune.Callback):
     """Logs the start and the end of every trial of a search (``flyp_ray`` logger, INFO)."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, trials_storage: str | None = None) -> None:
+        self.cfg, self.trials_storage = cfg, trials_storage
         metrics, modes = objectives(cfg.search)
         self.objectives = dict(zip(metrics, modes, strict=True))
         self.planned = planned_epochs(cfg.train)
@@ -85,6 +87,10 @@ class TrialLines(ray.tune.Callback):
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any,
                        **info: Any) -> None:
         log.info("%s", started(trial.trial_id, trial.config))
+        if self.trials_storage is not None and trial.trial_id not in self.epochs:
+            # restarted by a resumed search: Tune reports only the epochs from here on
+            for row in kept_epochs(self.cfg, self.trials_storage, trial.trial_id):
+                self._note(trial.trial_id, row)
 
     @never_raises
     def on_trial_result(self, iteration: int, trials: list[Any], trial: Any,

@@ -54,6 +54,7 @@ from flyp_ray.finetune import wiseft
 from flyp_ray.search import budget, pbt, plots, recheck, space
 from flyp_ray.search.trial import run_trial
 from flyp_ray.search.trial_lines import TrialLines
+from flyp_ray.search.tune_row import kept_epochs
 from flyp_ray.tracking import inputs, lineage, promotion, registry, runs
 
 if TYPE_CHECKING:
@@ -289,7 +290,8 @@ def run_config(cfg: Config, search: Search, stopper: Any = None) -> ray.tune.Run
         failure_config=ray.tune.FailureConfig(max_failures=0, fail_fast=False),
         # Every epoch's result in each trial folder (result.json), whatever the Tune defaults;
         # a line per trial start and end where Tune's status tables are off (verbose=0).
-        callbacks=[JsonLoggerCallback(), FreeStoppedWorkers(), TrialLines(cfg)],
+        callbacks=[JsonLoggerCallback(), FreeStoppedWorkers(),
+                   TrialLines(cfg, search.trials_storage)],
         stop=stopper,
         verbose=verbosity.tune_verbose(),
     )
@@ -330,6 +332,7 @@ def trial_records(cfg: Config, search: Search) -> list[dict[str, Any]]:
         frame = frames.get(trial.trial_id)
         rows = frame.to_dict("records") if frame is not None and len(frame) else []
         rows = rows or ([trial.last_result] if trial.last_result else [])
+        rows = with_kept_epochs(rows, kept_epochs(cfg, search.trials_storage, trial.trial_id))
         # Ray Train keeps only the best and the latest checkpoint; on a tie it may have kept
         # another epoch than the first best row, so epochs whose checkpoint is gone lose.
         best = _best_row(_kept(rows) or rows, metric, mode)
@@ -347,6 +350,19 @@ def trial_records(cfg: Config, search: Search) -> list[dict[str, Any]]:
             "seconds": max((float(r.get("time_total_s", 0) or 0) for r in rows), default=0.0),
         })
     return records
+
+
+def with_kept_epochs(rows: list[dict[str, Any]],
+                     kept: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Tune's rows of a trial and the ``kept`` epochs (:func:`tune_row.kept_epochs`) they
+    lack, in order: a resumed search's trial may have its best epoch among those."""
+    seen = {_epoch(r) for r in rows}
+    lost = [r for r in kept if _epoch(r) not in seen]
+    return sorted(rows + lost, key=_epoch) if lost else rows
+
+
+def _epoch(row: Mapping[str, Any]) -> int:
+    return int(row.get("epoch", 0) or 0)
 
 
 def _kept(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

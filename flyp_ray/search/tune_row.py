@@ -1,5 +1,5 @@
 """The row a trial sends Tune for a Train run that had finished before the trial (re)started,
-and what a stored Train run holds.
+and what a stored Train run holds of a trial's epochs.
 
 Its own module because both kinds of trial need it (:mod:`flyp_ray.search.trial` and a PBT
 member, :mod:`flyp_ray.search.pbt`), and the trial module imports the PBT one.
@@ -11,6 +11,9 @@ from typing import Any
 
 import ray.train
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
+
+from flyp_ray.config import POPULATION, Config
+from flyp_ray.distributed import trainer
 
 
 def stored_result(run_path: str) -> ray.train.Result | None:
@@ -26,3 +29,16 @@ def final_report(result: ray.train.Result) -> dict[str, Any]:
     """A finished Train run's last epoch as the row Ray Train's ``TuneReportCallback`` sends."""
     path = result.checkpoint.path if result.checkpoint is not None else None
     return {**(result.metrics or {}), CHECKPOINT_PATH_KEY: path}
+
+
+def kept_epochs(cfg: Config, trials_storage: str, trial_id: str) -> list[dict[str, Any]]:
+    """The epochs that trial ``trial_id``'s stored Train run kept (its best and its latest).
+
+    Tune starts a trial's rows again when a crashed search resumes: these are what is still
+    known of the epochs before, the best among them. None for a trial of draws or a population
+    member, whose Train runs have names of their own.
+    """
+    if cfg.train.repeats > 1 or cfg.search.scheduler.type in POPULATION:
+        return []
+    stored = stored_result(f"{trials_storage}/{trial_id}")
+    return trainer.kept_reports(stored) if stored is not None else []

@@ -6,6 +6,7 @@ with half a CPU, so two fit next to each other on the shared 2-CPU test cluster.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -260,6 +261,51 @@ def test_killed_search_resumes_without_rerunning_finished_trials(
     assert files_with_times(search_dir / "trials" / done) == done_files  # not run again
     assert client.get_run(parent.info.run_id).info.status == "FINISHED"
     assert not (tmp_path / "results" / "search-iwildcam-2").exists()
+
+
+def test_a_resumed_trial_keeps_its_best_epoch_from_before_the_crash(
+        ray_session: None, tmp_path: Path, wilds_root: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # On train/lr the first epoch is the best (one warm-up step, then the schedule decays):
+    # the search is killed after its trial reported two epochs, and Tune, resumed, starts the
+    # trial's rows again from the epochs trained since. Ray Train kept epoch 1's checkpoint.
+    path = search_config(tmp_path, wilds_root, epochs=4, metric="train/lr", mode="max",
+                         num_samples=1, max_concurrent_trials=1, scheduler={"type": "none"})
+    search_dir = tmp_path / "results" / "search-iwildcam"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["TUNE_GLOBAL_CHECKPOINT_S"] = "0"
+    proc = subprocess.Popen([sys.executable, "-m", "flyp_ray", "tune", str(path)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "first.log", "w"),
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 400
+        while len(reported_epochs(search_dir)) < 2:
+            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no two epochs reported in time"
+            time.sleep(0.1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert "TERMINATED" not in experiment_statuses(search_dir).values()
+
+    with caplog.at_level(logging.INFO, logger="flyp_ray.search.trial_lines"):
+        summary = tune.run_search(config.load(path), resume=True)
+
+    assert 1 not in reported_epochs(search_dir)  # Tune's own rows no longer have the best
+    assert summary["best_metrics"]["epoch"] == 1
+    assert summary["best_checkpoint"].endswith("epoch_0001")
+    (end,) = [r.getMessage() for r in caplog.records if " completed: " in r.getMessage()]
+    assert end.endswith(f"train/lr {summary['best_metrics']['train/lr']:.3f} (best, epoch 1)")
+
+
+def reported_epochs(search_dir: Path) -> list[int]:
+    """The epochs in Tune's rows of the search's one trial (its result.json)."""
+    rows = []
+    for line in "".join(p.read_text() for p in search_dir.glob("run_trial_*/result.json")) \
+            .splitlines():
+        with contextlib.suppress(json.JSONDecodeError):  # a line caught mid-write
+            rows.append(json.loads(line))
+    return [int(r["epoch"]) for r in rows if "epoch" in r]
 
 
 def test_tune_all_warm_starts_from_the_previous_best(ray_session: None, tmp_path: Path,
