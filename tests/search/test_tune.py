@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -196,6 +197,29 @@ def files_with_times(folder: Path) -> dict[str, float]:
     return {str(p.relative_to(folder)): p.stat().st_mtime for p in folder.rglob("*")}
 
 
+def kill_search_when(path: Path, ready: Callable[[], bool], what: str) -> None:
+    """Run ``flyp-ray tune path`` in a process of its own and SIGKILL it once ``ready()``."""
+    log = path.parent / "first.log"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # Tune snapshots the experiment at most every 10 s by default (longer on a loaded machine):
+    # time enough for a short trial to finish unseen. A snapshot each loop step makes the
+    # snapshot that a resume starts from as recent as what ``ready`` saw.
+    env["TUNE_GLOBAL_CHECKPOINT_S"] = "0"
+    # Its own local Ray, in its own process group: SIGKILL to the group takes all of it down.
+    proc = subprocess.Popen([sys.executable, "-m", "flyp_ray", "tune", str(path)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=open(log, "w"),
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 400
+        while not ready():
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, f"not {what} in time"
+            time.sleep(0.1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def test_killed_search_resumes_without_rerunning_finished_trials(
         ray_session: None, tmp_path: Path, wilds_root: Path) -> None:
     # The trials share the node's disk cache: the second one decodes nothing.
@@ -204,24 +228,8 @@ def test_killed_search_resumes_without_rerunning_finished_trials(
                          num_samples=2, max_concurrent_trials=1, scheduler={"type": "none"},
                          dataset=cache)
     search_dir = tmp_path / "results" / "search-iwildcam"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    # Tune snapshots the experiment at most every 10 s by default (longer on a loaded machine):
-    # time enough for the cached second trial to finish unseen. A snapshot each loop step
-    # makes the first snapshot with a finished trial come before the second can finish.
-    env["TUNE_GLOBAL_CHECKPOINT_S"] = "0"
-    # Its own local Ray, in its own process group: SIGKILL to the group takes all of it down.
-    proc = subprocess.Popen([sys.executable, "-m", "flyp_ray", "tune", str(path)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "first.log", "w"),
-                            start_new_session=True)
-    try:
-        deadline = time.monotonic() + 400
-        while "TERMINATED" not in experiment_statuses(search_dir).values():
-            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "no trial finished in time"
-            time.sleep(0.2)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill_search_when(path, lambda: "TERMINATED" in experiment_statuses(search_dir).values(),
+                     "a trial finished")
     finished = [t for t, s in experiment_statuses(search_dir).items() if s == "TERMINATED"]
     assert len(finished) == 1
     (done,) = finished
@@ -272,20 +280,7 @@ def test_a_resumed_trial_keeps_its_best_epoch_from_before_the_crash(
     path = search_config(tmp_path, wilds_root, epochs=4, metric="train/lr", mode="max",
                          num_samples=1, max_concurrent_trials=1, scheduler={"type": "none"})
     search_dir = tmp_path / "results" / "search-iwildcam"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["TUNE_GLOBAL_CHECKPOINT_S"] = "0"
-    proc = subprocess.Popen([sys.executable, "-m", "flyp_ray", "tune", str(path)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "first.log", "w"),
-                            start_new_session=True)
-    try:
-        deadline = time.monotonic() + 400
-        while len(reported_epochs(search_dir)) < 2:
-            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "no two epochs reported in time"
-            time.sleep(0.1)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill_search_when(path, lambda: len(reported_epochs(search_dir)) >= 2, "two epochs reported")
     assert "TERMINATED" not in experiment_statuses(search_dir).values()
 
     with caplog.at_level(logging.INFO, logger="flyp_ray.search.trial_lines"):
