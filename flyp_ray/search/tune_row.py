@@ -7,6 +7,7 @@ member, :mod:`flyp_ray.search.pbt`), and the trial module imports the PBT one.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import ray.train
@@ -14,6 +15,8 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 
 from flyp_ray.config import POPULATION, Config
 from flyp_ray.distributed import trainer
+
+log = logging.getLogger(__name__)
 
 
 def stored_result(run_path: str) -> ray.train.Result | None:
@@ -40,5 +43,11 @@ def kept_epochs(cfg: Config, trials_storage: str, trial_id: str) -> list[dict[st
     """
     if cfg.train.repeats > 1 or cfg.search.scheduler.type in POPULATION:
         return []
-    stored = stored_result(f"{trials_storage}/{trial_id}")
+    try:
+        stored = stored_result(f"{trials_storage}/{trial_id}")
+    except Exception as err:  # noqa: BLE001 - a snapshot cut short by the crash itself
+        # what Tune's rows hold is still a summary; a trial's lost epochs must not cost it
+        log.warning("trial %s: its Train run's kept epochs unreadable (%s: %s)", trial_id,
+                    type(err).__name__, err)
+        return []
     return trainer.kept_reports(stored) if stored is not None else []

@@ -25,7 +25,7 @@ from mlflow.tracking import MlflowClient
 
 from flyp_ray import cli, config
 from flyp_ray.errors import BadInput
-from flyp_ray.search import tune
+from flyp_ray.search import tune, tune_row
 from flyp_ray.tracking import runs
 from tests.support.configs import LR_SPACE, tiny_config, write_config
 
@@ -335,6 +335,17 @@ def test_a_trials_best_epoch_is_the_later_of_equals_and_skips_rows_without_the_m
             {"epoch": 4, "id_val/acc": float("nan")}]
     assert tune._best_row(rows, "id_val/acc", "max") == {"epoch": 3, "id_val/acc": 0.5}
     assert tune._best_row([{"epoch": 1}], "id_val/acc", "max") is None
+
+
+def test_a_train_snapshot_cut_short_by_the_crash_leaves_a_trial_its_tune_rows(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cfg = config.from_dict(tiny_config(tmp_path), "cut.yaml")
+    (tmp_path / "t1").mkdir()
+    (tmp_path / "t1" / "checkpoint_manager_snapshot.json").write_text('{"checkpoint_results": [')
+    with caplog.at_level(logging.WARNING):
+        assert tune_row.kept_epochs(cfg, str(tmp_path), "t1") == []
+    assert "trial t1: its Train run's kept epochs unreadable" in caplog.text
+    assert tune_row.kept_epochs(cfg, str(tmp_path), "never-ran") == []
 
 
 def test_resume_without_a_search_is_bad_input(tmp_path: Path, wilds_root: Path,
