@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# The H200 figures of docs/PERFORMANCE.md, as one script (at most 20 minutes: the steps' caps):
+# The H200 figures of docs/PERFORMANCE.md, as one script (at most 21 minutes: the steps' caps):
 #   bash bench/gpu_check.sh [OUT_DIR]
 #   BUDGET=540 bash bench/gpu_check.sh OUT_DIR    # what fits in 9 minutes, most telling first
 # Random initialisation throughout: speed does not depend on the weights, and nothing is fetched.
 #
-# The steps run in order of what their figure is worth (the step's MFU first, the CPU-only data
-# path last). With BUDGET (seconds), each step gets at most its cap and the time left, and a step
+# The steps run in order of what their figure is worth: the bf16 step first (the day's baseline,
+# 30 s on the H200), then what no run has measured yet (Ray's overhead on the GPU, ViT-B-16's
+# epoch), then what the first run (2026-12-04) measured once. With BUDGET (seconds), each step
+# gets at most its cap and the time left, and a step
 # that would get under 25 s is skipped: a GPU lent for a fixed time brings back the first
 # figures whole rather than every figure cut off. Each step's output is OUT_DIR/<step>.txt.
 #
@@ -48,24 +50,26 @@ step() {
 throughput=("$py" bench/step_throughput.py --arch "$arch" --device "$device" --steps "$steps")
 half=$(( (repeats + 1) / 2 ))
 
-# Step throughput and MFU: ViT-B-16 at 224 px, bf16 (target >= 50% MFU, ~3,200 pairs/s); fp32 too.
+# Step throughput and MFU: ViT-B-16 at 224 px, bf16 (target >= 50% MFU, ~3,200 pairs/s).
 step step_bf16 120 "${throughput[@]}" --precision bf16 --batch "$bf16_batch" --peak-tflops 989 \
     --repeats "$repeats"
-step step_fp32 90 "${throughput[@]}" --precision fp32 --batch "$fp32_batch" --peak-tflops 67 \
-    --repeats "$half"
-# Ray overhead on the same step (target: within 2%).
-step ray_overhead 150 "$py" bench/ray_overhead.py --arch "$arch" --precision bf16 \
+# Ray overhead on the same step (target: within 2%). Three pairs, each Train run starting Ray
+# Train's actors on a 16-core node.
+step ray_overhead 200 "$py" bench/ray_overhead.py --arch "$arch" --precision bf16 \
     --batch "$bf16_batch" --device "$device" --threads "$cores" --steps "$(( steps * 3 ))" \
     --repeats 3
+# The big model's epoch, one pair of runs: the per-epoch costs around the step.
+step epoch_overhead_big 240 "$py" bench/epoch_overhead.py "${epoch_args[@]}" "${epoch_big[@]}"
+# train.compile on the same step: worth turning on only if this beats the bf16 line clearly.
+step step_bf16_compile 150 "${throughput[@]}" --precision bf16 --batch "$bf16_batch" \
+    --peak-tflops 989 --repeats "$half" --compile
 # An epoch of `flyp-ray train` against a bare open_clip loop (target <= 1.05x), and its fixed
 # cost: the tiny model (what docs/PERFORMANCE.md compares on CPU). One pair of runs took 138 s on
 # the H200 (2026-12-04), most of it the service's start and end: two need the 300.
 step epoch_overhead 300 "$py" bench/epoch_overhead.py "${epoch_args[@]}"
-# train.compile on the same step: worth turning on only if this beats the bf16 line clearly.
-step step_bf16_compile 150 "${throughput[@]}" --precision bf16 --batch "$bf16_batch" \
-    --peak-tflops 989 --repeats "$half" --compile
-# The big model's epoch, one pair of runs.
-step epoch_overhead_big 240 "$py" bench/epoch_overhead.py "${epoch_args[@]}" "${epoch_big[@]}"
-# What the loader delivers per core against what the step consumes (CPU work: last).
+# What the loader delivers per core against what the step consumes (CPU work).
 step data_path 120 "$py" bench/data_path.py --images "$images" --step-rate 3200 \
     --repeats "$repeats"
+# fp32 (TF32 off, torch's default): what a config left at `precision: fp32` gets from a GPU.
+step step_fp32 90 "${throughput[@]}" --precision fp32 --batch "$fp32_batch" --peak-tflops 67 \
+    --repeats "$half"
