@@ -333,8 +333,8 @@ def trial_records(cfg: Config, search: Search) -> list[dict[str, Any]]:
         rows = frame.to_dict("records") if frame is not None and len(frame) else []
         rows = rows or ([trial.last_result] if trial.last_result else [])
         rows = with_kept_epochs(rows, kept_epochs(cfg, search.trials_storage, trial.trial_id))
-        # Ray Train keeps only the best and the latest checkpoint; on a tie it may have kept
-        # another epoch than the first best row, so epochs whose checkpoint is gone lose.
+        # Ray Train keeps only the best and the latest checkpoint (of equal ones the later, as
+        # _best_row chooses): epochs whose checkpoint is gone lose.
         best = _best_row(_kept(rows) or rows, metric, mode)
         epochs = max((int(r.get("epoch", 0) or 0) for r in rows), default=0)
         last: dict[str, Any] = max(rows, key=lambda r: int(r.get("epoch", 0) or 0), default={})

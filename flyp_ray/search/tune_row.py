@@ -2,7 +2,8 @@
 and what a stored Train run holds of a trial's epochs.
 
 Its own module because both kinds of trial need it (:mod:`flyp_ray.search.trial` and a PBT
-member, :mod:`flyp_ray.search.pbt`), and the trial module imports the PBT one.
+member, :mod:`flyp_ray.search.pbt`), and the trial module imports the PBT one; the search's
+summary and its trial lines read a resumed trial's kept epochs through it too.
 """
 
 from __future__ import annotations
