@@ -24,7 +24,7 @@ from ray.exceptions import AuthenticationError
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from flyp_ray.distributed import verbosity
-from flyp_ray.errors import BadInput
+from flyp_ray.errors import BadInput, FlypRayError
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,10 @@ ALWAYS_EXCLUDED = (".git", ".venv", "venv", "__pycache__", "*.pyc", "mlruns", "m
                    "*.db", "flyp_ray_results", ".pytest_cache", "*.egg-info")
 
 _TERMINAL = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
+# Ray's job head, when no job agent answers it in time; its own advice is to try again later.
+NO_AGENT = "No available agent to submit job"
+AGENT_WAIT_S = 120.0
+AGENT_RETRY_S = 2.0
 
 
 def auth_headers() -> dict[str, str]:
@@ -184,14 +188,30 @@ def runtime_env(command: Sequence[str], working_dir: Path) -> dict[str, Any]:
     return env
 
 
-def submit(client: JobSubmissionClient, command: Sequence[str], working_dir: Path) -> str:
-    """Submit ``python -m flyp_ray <command>`` with ``working_dir`` uploaded; returns the job id."""
+def submit(client: JobSubmissionClient, command: Sequence[str], working_dir: Path,
+           agent_wait_s: float = AGENT_WAIT_S) -> str:
+    """Submit ``python -m flyp_ray <command>`` with ``working_dir`` uploaded; returns the job id.
+
+    A head whose job agent is not up yet (a cluster just started, or a busy head) answers
+    that it has none and to try again later: this waits up to ``agent_wait_s`` for it.
+    """
     env = runtime_env(command, working_dir)
     args = job_arguments(command, working_dir)
-    try:
-        return client.submit_job(entrypoint=entrypoint(args), runtime_env=env)
-    except AuthenticationError as err:
-        raise BadInput(f"--address {client.get_address()}: {_auth_problem(err)}") from None
+    deadline = time.monotonic() + agent_wait_s
+    while True:
+        try:
+            return client.submit_job(entrypoint=entrypoint(args), runtime_env=env)
+        except AuthenticationError as err:
+            raise BadInput(f"--address {client.get_address()}: {_auth_problem(err)}") from None
+        except RuntimeError as err:
+            if NO_AGENT not in str(err):
+                raise
+            if time.monotonic() > deadline:
+                raise FlypRayError(f"--address {client.get_address()}: the cluster's job agent "
+                                   f"did not answer within {agent_wait_s:.0f} s ({NO_AGENT})"
+                                   ) from None
+            log.info("the cluster's job agent is not ready yet; trying again")
+            time.sleep(AGENT_RETRY_S)
 
 
 def wait(client: JobSubmissionClient, job_id: str, out: TextIO = sys.stdout,

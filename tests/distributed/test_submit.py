@@ -26,6 +26,7 @@ import pytest
 import requests
 
 from flyp_ray.distributed import submit
+from flyp_ray.errors import FlypRayError
 from tests.support.configs import tiny_config, write_config
 
 BIN = Path(sys.executable).parent
@@ -248,3 +249,34 @@ def test_a_verbose_submit_makes_the_job_verbose(project: Path,
     monkeypatch.setenv("FLYP_RAY_VERBOSE", "1")  # what --verbose sets, or the user did
     env = submit.runtime_env(["tune", "good.yaml"], project)
     assert env["env_vars"] == {"FLYP_RAY_VERBOSE": "1"}
+
+
+class BusyHead:
+    """Stands in for a JobSubmissionClient whose head answers "no agent" ``busy`` times (Ray's
+    text, as `JobSubmissionClient` raises it for the head's HTTP 500), then takes the job."""
+
+    def __init__(self, busy: int) -> None:
+        self.busy, self.calls = busy, 0
+
+    def get_address(self) -> str:
+        return "http://127.0.0.1:8265"
+
+    def submit_job(self, **_: object) -> str:
+        self.calls += 1
+        if self.calls <= self.busy:
+            raise RuntimeError("Request failed with status code 500: No available agent to "
+                               "submit job, please try again later..")
+        return "raysubmit_1"
+
+
+def test_a_head_without_its_job_agent_yet_is_asked_again(
+        project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Seen in CI: a head started moments before, on a loaded machine, refused the first job.
+    monkeypatch.setattr(submit, "AGENT_RETRY_S", 0.01)
+    head = BusyHead(busy=2)
+    assert submit.submit(head, ["validate", "good.yaml"], project) == "raysubmit_1"  # type: ignore[arg-type]
+    assert head.calls == 3
+    with pytest.raises(FlypRayError, match=r"--address http://127.0.0.1:8265: the "
+                       r"cluster's job agent did not answer within 0 s"):
+        submit.submit(BusyHead(busy=10**6), ["validate", "good.yaml"], project,  # type: ignore[arg-type]
+                      agent_wait_s=0.05)
