@@ -336,8 +336,8 @@ def trial_records(cfg: Config, search: Search) -> list[dict[str, Any]]:
         # Ray Train keeps only the best and the latest checkpoint (of equal ones the later, as
         # _best_row chooses): epochs whose checkpoint is gone lose.
         best = _best_row(_kept(rows) or rows, metric, mode)
-        epochs = max((int(r.get("epoch", 0) or 0) for r in rows), default=0)
-        last: dict[str, Any] = max(rows, key=lambda r: int(r.get("epoch", 0) or 0), default={})
+        epochs = max((_epoch(r) for r in rows), default=0)
+        last: dict[str, Any] = max(rows, key=_epoch, default={})
         selected = wiseft.with_sweep(best or {}, last) if best else {}
         records.append({
             "trial_id": trial.trial_id,
