@@ -41,6 +41,7 @@ POPULATION = ("pbt", "pb2")  # schedulers whose trials continue from each other'
 SamplerType = Literal["tpe", "random", "cmaes", "nsga2", "gp"]
 Mode = Literal["max", "min"]
 CacheKind = Literal["none", "memory", "disk"]
+CacheSetting = Literal["auto", "none", "memory", "disk"]  # auto: see cache_kind
 Recipe = Literal["flyp", "clip"]
 Policy = Literal["if-better", "always", "never"]
 
@@ -138,7 +139,9 @@ class DatasetConfig:
     download: bool = False  # WILDS and Hugging Face hub names only; never on unless asked
     subsample: int | None = None  # at most this many images per split (quick runs, tests)
     loader_workers: int = 0  # DataLoader worker processes per Ray worker; -1: its CPUs less one
-    cache: CacheKind = "none"  # decode each image once into uint8 at model resolution
+    # decode each image once into uint8 at model resolution; auto: memory for the built-in
+    # synthetic set, none for a data set of files (cache_kind)
+    cache: CacheSetting = "auto"
     cache_dir: str | None = None  # disk cache: a folder on the node's local disk; None: temp dir
     # imagenet only: the shift sets to evaluate, each as split ood_test/<name> (docs/DATASETS.md)
     ood_sets: list[OodSet] | None = None
@@ -146,6 +149,21 @@ class DatasetConfig:
     # huggingface only: the columns of the image and the label; None: found by their features
     image_column: str | None = None
     label_column: str | None = None
+
+
+def cache_kind(dataset: DatasetConfig) -> CacheKind:
+    """The decode-once cache a run of ``dataset`` uses: ``dataset.cache``, ``auto`` resolved.
+
+    The synthetic images are drawn in the training process; with open_clip's PIL transforms an
+    image costs about a third of what the tiny model's step spends on it, every epoch, for
+    pixels that never change. Cached, later epochs copy them (docs/PERFORMANCE.md, "The default
+    config's data path"). A data set of files stays uncached unless asked: a memory cache
+    holds all of it in every worker process, and on CPUs the per-batch crop at full resolution
+    costs what decoding does.
+    """
+    if dataset.cache != "auto":
+        return dataset.cache
+    return "memory" if dataset.name == "synthetic" else "none"
 
 
 @dataclasses.dataclass(frozen=True)

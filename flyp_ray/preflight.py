@@ -22,6 +22,7 @@ from flyp_ray.config import (
     Config,
     DatasetName,
     ModelConfig,
+    cache_kind,
     check_budget,
     did_you_mean,
     objectives,
@@ -278,8 +279,8 @@ def data_path_warnings(cfg: Config) -> list[str]:
                f"give the worker more CPUs than resources.cpus_per_worker: {r.cpus_per_worker:g}")
         found.append(f"{src}: dataset.loader_workers: {d.loader_workers} with GPUs: the training "
                      f"process decodes every image itself while the GPU waits; {fix}")
-    if d.cache == "none":
-        found.append(f"{src}: dataset.cache: none with GPUs: every epoch decodes every image "
+    if cache_kind(d) == "none":
+        found.append(f"{src}: dataset.cache: {d.cache} with GPUs: every epoch decodes every image "
                      f"again (about 300 images/s per core); set dataset.cache: disk")
     return found
 
@@ -315,7 +316,7 @@ def cache_space_warnings(cfg: Config, facts: DataFacts) -> list[str]:
     from flyp_ray.data import cache
 
     d = cfg.dataset
-    size = image_size(cfg.model) if d.cache == "disk" and facts.splits else None
+    size = image_size(cfg.model) if cache_kind(d) == "disk" and facts.splits else None
     if size is None:
         return []
     needed = sum(s.size for s in facts.splits.values()) * (3 * size * size + 1)

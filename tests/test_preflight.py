@@ -392,7 +392,8 @@ def test_warnings_leave_validate_at_0(tmp_path: Path, capsys: pytest.CaptureFixt
 def test_a_gpu_config_that_decodes_in_the_training_process_is_warned_of(
         tmp_path: Path) -> None:
     # The warnings alone: validate refuses a GPU config outright on a machine without a GPU.
-    raw = tiny_config(tmp_path, resources={"gpus_per_worker": 1, "cpus_per_worker": 8})
+    raw = tiny_config(tmp_path, dataset={"cache": "none"},
+                      resources={"gpus_per_worker": 1, "cpus_per_worker": 8})
     path = write_config(tmp_path / "c.yaml", raw)
     assert preflight.data_path_warnings(config.load(path)) == [
         f"{path}: dataset.loader_workers: 0 with GPUs: the training process "
@@ -409,6 +410,10 @@ def test_a_gpu_config_that_decodes_in_the_training_process_is_warned_of(
     assert line.endswith("give the worker more CPUs than resources.cpus_per_worker: 1")
     cpu_only = config.load(path, ["resources.gpus_per_worker=0"])
     assert preflight.data_path_warnings(cpu_only) == []
+    # The synthetic set's own default caches it in memory: decoded once, even with no loaders.
+    auto = config.load(path, ["dataset.cache=auto"])
+    assert [line.split(": ")[1] for line in preflight.data_path_warnings(auto)] == [
+        "dataset.loader_workers"]
 
 
 def test_a_disk_cache_the_disk_cannot_hold_is_warned_of(

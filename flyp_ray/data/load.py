@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flyp_ray.config import SPLITS, DatasetConfig
+from flyp_ray.config import SPLITS, DatasetConfig, cache_kind
 from flyp_ray.data import (
     cache,
     csv,
@@ -66,11 +66,29 @@ def load_data(
     for name, src in loaded.sources.items():
         transform = train_transform if name == "train" else eval_transform
         splits[name] = make_split(name, src, transform, cfg.subsample)
-    if cfg.cache != "none":
-        plan = cache.plan(train_transform, eval_transform, source)
+    plan = _cache_plan(cfg, train_transform, eval_transform, source)
+    if plan is not None:
         splits = {name: _cached(split, loaded.sources[name], plan, cfg)
                   for name, split in splits.items()}
     return Data(classnames=loaded.classnames, templates=templates, splits=splits)
+
+
+def _cache_plan(cfg: DatasetConfig, train_transform: Transform, eval_transform: Transform,
+                source: str) -> cache.Plan | None:
+    """How the splits are cached; None when they are not.
+
+    ``auto`` is a speed-up the config did not ask for by name: where the model's transforms
+    have a step the cache cannot run per batch, the images go uncached instead of the run
+    stopping. ``memory`` or ``disk`` asked for by name is refused then (the plan's error).
+    """
+    if cache_kind(cfg) == "none":
+        return None
+    try:
+        return cache.plan(train_transform, eval_transform, source)
+    except ConfigError:
+        if cfg.cache == "auto":
+            return None
+        raise
 
 
 def _cached(split: Split, src: Source, plan: cache.Plan, cfg: DatasetConfig) -> Split:
@@ -78,7 +96,7 @@ def _cached(split: Split, src: Source, plan: cache.Plan, cfg: DatasetConfig) -> 
     base = split.dataset
     assert isinstance(base, ImageDataset)  # make_split builds one
     stored = ImageDataset(base.read, base.positions, base.labels, plan.store)
-    if cfg.cache == "memory":
+    if cache_kind(cfg) == "memory":
         store = cache.memory_store(len(stored), plan.size)
     else:
         # Everything that decides the pixels: a change in any of them is a new folder.

@@ -27,7 +27,7 @@ def config(tmp: Path, dataset: dict[str, Any] | None = None, **train: Any) -> Co
 
 def test_readings_every_n_steps_on_the_optimizer_step_axis(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    run = build_run(config(tmp_path, log_every_steps=3), CPU)
+    run = build_run(config(tmp_path, {"cache": "none"}, log_every_steps=3), CPU)
     readings: list[tuple[int, dict[str, float]]] = []
     with caplog.at_level(logging.DEBUG, logger="flyp_ray.finetune.loop"):
         loop.run_epochs(run, 0, lambda epoch, metrics: None,

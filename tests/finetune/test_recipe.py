@@ -72,7 +72,9 @@ def _tiny_vit() -> str:
 
 def _raw(recipe: str, start: str | None, workers: int = 1) -> dict[str, Any]:
     return {
-        "dataset": {"name": "synthetic", "subsample": IMAGES},
+        # Uncached: the reference takes the loader's batches as they are, where the loop would
+        # crop cached pixels once more (dataset.cache's per-batch step).
+        "dataset": {"name": "synthetic", "subsample": IMAGES, "cache": "none"},
         "model": {"arch": str(tiny_config_path(vit=True)), "pretrained": start},
         "train": {"epochs": EPOCHS, "batch_size": BATCH, "lr": LR, "weight_decay": WD,
                   "warmup_steps": WARMUP, "recipe": recipe, "seed": 0},

@@ -108,7 +108,8 @@ def loss_and_grads(run: Run) -> tuple[float, dict[str, torch.Tensor]]:
 
 @pytest.fixture(scope="module")
 def synthetic_data(tiny: LoadedModel) -> base.Data:
-    cfg = DatasetConfig(name="synthetic", subsample=16)
+    # Uncached: the float64 checks cast the loader's float32 images to the model's dtype.
+    cfg = DatasetConfig(name="synthetic", subsample=16, cache="none")
     return load.load_data(cfg, tiny.preprocess_train, tiny.preprocess_eval, "test")
 
 
@@ -267,6 +268,34 @@ def test_cache_refuses_a_train_transform_it_cannot_move(tiny: LoadedModel) -> No
     jitter = T.Compose([T.ColorJitter(0.4), *tiny.preprocess_train.transforms])
     with pytest.raises(ConfigError, match="ColorJitter"):
         cache.plan(jitter, tiny.preprocess_eval, "cfg.yaml")
+
+
+def test_auto_caches_the_synthetic_set_in_memory_and_files_only_when_asked(
+        tiny: LoadedModel, jpegs: Path) -> None:
+    synthetic = load.load_data(DatasetConfig(name="synthetic", subsample=8),
+                               tiny.preprocess_train, tiny.preprocess_eval, "t")
+    train = synthetic.splits["train"]
+    assert train.dataset[0][0].dtype == torch.uint8 and train.prepare is not None
+    assert cache.fill_counter(train.dataset) is not None
+    # The same pixels as the uncached path's, for every evaluation split.
+    plain = load.load_data(DatasetConfig(name="synthetic", subsample=8, cache="none"),
+                           tiny.preprocess_train, tiny.preprocess_eval, "t")
+    for a, b in zip(batches(plain.splits["ood_val"]), batches(synthetic.splits["ood_val"]),
+                    strict=True):
+        assert torch.equal(a, b)
+    files = load.load_data(csv_cfg(jpegs), tiny.preprocess_train, tiny.preprocess_eval, "t")
+    assert files.splits["train"].prepare is None  # auto: a data set of files stays uncached
+
+    # A step the cache cannot run per batch: auto goes uncached, a cache asked for by name stops.
+    from torchvision import transforms as T
+
+    jitter = T.Compose([T.ColorJitter(0.4), *tiny.preprocess_train.transforms])
+    auto = load.load_data(DatasetConfig(name="synthetic", subsample=8), jitter,
+                          tiny.preprocess_eval, "t")
+    assert auto.splits["train"].prepare is None
+    with pytest.raises(ConfigError, match="ColorJitter"):
+        load.load_data(DatasetConfig(name="synthetic", subsample=8, cache="memory"), jitter,
+                       tiny.preprocess_eval, "t")
 
 
 # --- eval_splits and loader workers ----------------------------------------------------------
