@@ -8,6 +8,9 @@ The same work two ways, side by side in one run:
   splits classified with it. No Ray, no MLflow, no checkpoint.
 - **train**: the real command, ``python -m flyp_ray train CONFIG``, on the same model config,
   images, batch, epochs and evaluation, with one Ray Train worker given the same CPUs (and GPU).
+  Its data path is the config's default: the synthetic set cached in memory after the first
+  epoch (``dataset.cache: auto``); ``--set dataset.cache=none`` gives it the bare loop's, which
+  draws and transforms every image again each epoch, and leaves Ray's share of the difference.
 
 Each repeat runs both, in alternating order, so that a machine shared with other work slows both
 alike. Per epoch: the steady-state epoch is the median gap between the ends of consecutive
@@ -303,12 +306,23 @@ def run_train(args: argparse.Namespace, index: int) -> dict[str, Any]:
         history = client.get_metric_history(out["mlflow_run_id"], "epoch")
         ends = [m.timestamp / 1000 for m in sorted(history, key=lambda m: m.step)]
         startup = re.findall(r"start-up: [^\n]*", done.stderr)
-        waits = re.findall(r"data wait (\d+)%", done.stderr)  # the worker's progress lines
         summary = summarise(ends, wall, args.epochs)
-        summary["data_wait"] = int(waits[-1]) / 100 if waits else None
+        summary["data_wait"] = steady_data_wait(client, out["mlflow_run_id"])
         summary.update(startup=startup[-1] if startup else None, cpu_s=cpu,
                        epoch_cpu_s=steady(cpu_at(samples, ends)))
         return summary
+
+
+def steady_data_wait(client: Any, run_id: str) -> float | None:
+    """The worker's share of training time spent waiting for batches after the first epoch,
+    from its ``perf/`` readings in MLflow (a terminal gets one progress line a minute, often
+    the first epoch's, which fills a cache)."""
+    def history(key: str) -> dict[int, float]:
+        return {m.step: m.value for m in client.get_metric_history(run_id, key)}
+
+    epochs, waits = history("perf/epoch"), history("perf/data_wait")
+    steady = [waits[step] for step, epoch in epochs.items() if epoch > 1 and step in waits]
+    return statistics.median(steady) if steady else None
 
 
 def run_search(args: argparse.Namespace) -> dict[str, Any]:
