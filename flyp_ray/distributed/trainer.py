@@ -248,9 +248,15 @@ def _outcome(cfg: Config, result: ray.train.Result,
 def finished_result(cfg: Config, name: str) -> ray.train.Result | None:
     """The stored result of Ray Train run ``name`` (None if there is none): a finished run is
     read back from storage rather than restored, which would start its worker group again."""
+    return stored_result(f"{storage_path(cfg).rstrip('/')}/{name}")
+
+
+def stored_result(run_path: str) -> ray.train.Result | None:
+    """What the Ray Train run at ``run_path`` has stored (its last report and checkpoint), if
+    it has run."""
     try:
-        return ray.train.Result.from_path(f"{storage_path(cfg).rstrip('/')}/{name}")
-    except RuntimeError:  # Ray's answer when there is no run (or no snapshot of it)
+        return ray.train.Result.from_path(run_path)
+    except RuntimeError:  # Ray's answer when there is no run (or no snapshot of it) yet
         return None
 
 

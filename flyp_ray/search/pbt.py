@@ -48,7 +48,7 @@ from ray.util.queue import Empty, Queue
 from flyp_ray.config import Config, ParamSpec, objectives, planned_epochs
 from flyp_ray.distributed import trainer
 from flyp_ray.errors import ConfigError
-from flyp_ray.search.tune_row import final_report, stored_result
+from flyp_ray.search.tune_row import final_report
 from flyp_ray.tracking import runs
 
 log = logging.getLogger(__name__)
@@ -257,7 +257,7 @@ def run_trial(cfg: Config, trial_id: str, run_id: str) -> None:
 
 def _last_report(storage: str, name: str) -> dict[str, Any] | None:
     """The last report of Train run ``name`` (with its checkpoint's path), if it has run."""
-    result = stored_result(f"{storage.rstrip('/')}/{name}")
+    result = trainer.stored_result(f"{storage.rstrip('/')}/{name}")
     return final_report(result) if result is not None else None
 
 

@@ -20,7 +20,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from flyp_ray.config import POPULATION, Config, with_train
 from flyp_ray.distributed import trainer
 from flyp_ray.errors import FlypRayError
-from flyp_ray.search.tune_row import final_report, stored_result
+from flyp_ray.search.tune_row import final_report
 from flyp_ray.tracking import inputs, runs
 
 if TYPE_CHECKING:
@@ -66,7 +66,7 @@ def run_trial(config: dict[str, Any], *, base: Config, parent_run_id: str,
 
 def latest_checkpoint(run_path: str) -> str | None:
     """The path of the latest checkpoint of the Ray Train run at ``run_path``, if it has one."""
-    result = stored_result(run_path)
+    result = trainer.stored_result(run_path)
     return result.checkpoint.path if result is not None and result.checkpoint else None
 
 

@@ -20,15 +20,6 @@ from flyp_ray.distributed import trainer
 log = logging.getLogger(__name__)
 
 
-def stored_result(run_path: str) -> ray.train.Result | None:
-    """What the Ray Train run at ``run_path`` has stored (its last report and checkpoint), if
-    it has run."""
-    try:
-        return ray.train.Result.from_path(run_path)
-    except RuntimeError:  # Ray's answer when there is no run (or no snapshot of it) yet
-        return None
-
-
 def final_report(result: ray.train.Result) -> dict[str, Any]:
     """A finished Train run's last epoch as the row Ray Train's ``TuneReportCallback`` sends."""
     path = result.checkpoint.path if result.checkpoint is not None else None
@@ -45,7 +36,7 @@ def kept_epochs(cfg: Config, trials_storage: str, trial_id: str) -> list[dict[st
     if cfg.train.repeats > 1 or cfg.search.scheduler.type in POPULATION:
         return []
     try:
-        stored = stored_result(f"{trials_storage}/{trial_id}")
+        stored = trainer.stored_result(f"{trials_storage}/{trial_id}")
     except Exception as err:  # noqa: BLE001 - a snapshot cut short by the crash itself
         # what Tune's rows hold is still a summary; a trial's lost epochs must not cost it
         log.warning("trial %s: its Train run's kept epochs unreadable (%s: %s)", trial_id,
