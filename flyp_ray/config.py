@@ -157,9 +157,9 @@ def cache_kind(dataset: DatasetConfig) -> CacheKind:
     The synthetic images are drawn in the training process: with open_clip's PIL transforms an
     image costs 0.9 ms, every epoch, against the tiny model's 2.3 ms step on it (two CPU
     threads), for pixels that never change. Cached, later epochs copy them
-    (docs/PERFORMANCE.md, "The default config's data path"). A data set of files stays uncached unless asked: a memory cache
-    holds all of it in every worker process, and on CPUs the per-batch crop at full resolution
-    costs what decoding does.
+    (docs/PERFORMANCE.md, "The default config's data path"). A data set of files stays
+    uncached unless asked: a memory cache holds all of it in every worker process, and on CPUs
+    the per-batch crop at full resolution costs what decoding does.
     """
     if dataset.cache != "auto":
         return dataset.cache
