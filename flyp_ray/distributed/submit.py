@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import aiohttp
+import requests
 from ray.exceptions import AuthenticationError
 from ray.job_submission import JobStatus, JobSubmissionClient
 
@@ -203,6 +204,13 @@ def submit(client: JobSubmissionClient, command: Sequence[str], working_dir: Pat
             return client.submit_job(entrypoint=entrypoint(args), runtime_env=env)
         except AuthenticationError as err:
             raise BadInput(f"--address {client.get_address()}: {_auth_problem(err)}") from None
+        except requests.ConnectionError as err:
+            # The head went away mid-request (seen when a just-started head's raylet exited):
+            # whether it created the job before it did is not known from here.
+            raise FlypRayError(f"--address {client.get_address()}: the head dropped the "
+                               f"connection while taking the job ({_first_line(err)}); check "
+                               f"the cluster (`ray job list --address "
+                               f"{client.get_address()}`) and submit again") from None
         except RuntimeError as err:
             if NO_AGENT not in str(err):
                 raise

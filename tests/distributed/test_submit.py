@@ -28,6 +28,7 @@ import requests
 from flyp_ray.distributed import submit
 from flyp_ray.errors import FlypRayError
 from tests.support.configs import tiny_config, write_config
+from tests.support.servers import agent_port_flags
 
 BIN = Path(sys.executable).parent
 FLYP_RAY = [sys.executable, "-m", "flyp_ray"]
@@ -70,7 +71,7 @@ def head() -> Iterator[Head]:
            "--include-dashboard=true", "--dashboard-host=127.0.0.1",
            f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
            f"--dashboard-agent-listen-port={agent}", f"--temp-dir={temp_dir}",
-           "--disable-usage-stats"]
+           "--disable-usage-stats", *agent_port_flags()]
     proc = subprocess.Popen(cmd, env=_head_env(token), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{dashboard}"
@@ -269,6 +270,14 @@ class BusyHead:
         return "raysubmit_1"
 
 
+class GoneHead(BusyHead):
+    """A head whose process ended while it was taking the job: the connection drops."""
+
+    def submit_job(self, **_: object) -> str:
+        raise requests.ConnectionError("('Connection aborted.', RemoteDisconnected('Remote end "
+                                       "closed connection without response'))")
+
+
 def test_a_head_without_its_job_agent_yet_is_asked_again(
         project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Seen in CI: a head started moments before, on a loaded machine, refused the first job.
@@ -280,3 +289,14 @@ def test_a_head_without_its_job_agent_yet_is_asked_again(
                        r"cluster's job agent did not answer within 0 s"):
         submit.submit(BusyHead(busy=10**6), ["validate", "good.yaml"], project,  # type: ignore[arg-type]
                       agent_wait_s=0.05)
+
+
+def test_a_head_that_drops_the_connection_is_one_line_naming_it(project: Path) -> None:
+    # Seen in CI: the head's raylet exited while submit waited for its job agent; the
+    # requests error went up as a traceback.
+    with pytest.raises(FlypRayError) as caught:
+        submit.submit(GoneHead(busy=0), ["validate", "good.yaml"], project)  # type: ignore[arg-type]
+    (line,) = str(caught.value).splitlines()
+    assert line.startswith("--address http://127.0.0.1:8265: the head dropped the connection")
+    assert "Connection aborted" in line and "ray job list" in line
+    assert not isinstance(caught.value, submit.BadInput)  # not the user's input: exit 1
