@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.support.second_ray import BIN, _stop, wait_until
-from tests.support.servers import free_port
+from tests.support.servers import agent_port_flags, free_port
 
 # Ray's fake multi-node provider (ray/autoscaler/_private/fake_multi_node): the monitor runs
 # the v1 autoscaler with these node types; nodes it launches are raylets on this machine. No
@@ -52,7 +52,7 @@ def ray_head(*, num_cpus: int = 1, autoscaling: bool = False) -> Iterator[str]:
     command = [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}",
                f"--num-cpus={num_cpus}", "--num-gpus=0", "--include-dashboard=false",
                f"--ray-client-server-port={free_port()}", f"--temp-dir={temp_dir}",
-               "--disable-usage-stats"]
+               "--disable-usage-stats", *agent_port_flags()]
     if autoscaling:
         config = Path(temp_dir) / "autoscaling.json"
         config.write_text(json.dumps(FAKE_AUTOSCALING))

@@ -24,7 +24,7 @@ from pathlib import Path
 import requests
 from ray._common.utils import get_ray_address_file
 
-from tests.support.servers import free_port
+from tests.support.servers import agent_port_flags, free_port
 
 BIN = Path(sys.executable).parent
 DEFAULT_DASHBOARD = 8265
@@ -59,7 +59,7 @@ def another_ray_instance() -> Iterator[Callable[[], str]]:
              "--include-dashboard=true", "--dashboard-host=127.0.0.1",
              f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
              f"--dashboard-agent-listen-port={agent}", f"--temp-dir={temp_dir}",
-             "--disable-usage-stats"],
+             "--disable-usage-stats", *agent_port_flags()],
             env=env, start_new_session=True, stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL))
         return f"http://127.0.0.1:{dashboard}"

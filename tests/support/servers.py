@@ -21,6 +21,20 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def agent_port_flags() -> list[str]:
+    """``ray start`` flags that fix the ports of a head's agents to free ones.
+
+    Left to choose, each agent writes the port it took into the session folder, and the raylet
+    waits for those files for a fixed time, then exits, taking the head with it (Ray issue
+    65983). On a 2-core machine busy with a test search, the dashboard agent's imports can take
+    longer: a CI run lost its Jobs API head that way, mid-test. Given the ports, the raylet has
+    nothing to wait for, and a slow agent only answers later.
+    """
+    grpc, export, runtime_env = (free_port() for _ in range(3))
+    return [f"--dashboard-agent-grpc-port={grpc}", f"--metrics-export-port={export}",
+            f"--runtime-env-agent-port={runtime_env}"]
+
+
 def start_mlflow_server(folder: Path, port: int, *extra_args: str,
                         env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     """A real MLflow tracking server on 127.0.0.1:port (sqlite backend), answering /health.
