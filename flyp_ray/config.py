@@ -729,12 +729,19 @@ def check_promotion(cfg: Config) -> None:
                "guards the search metric itself: tracking.promotion.min_delta sets its margin")
 
 
+def trial_rate(cfg: Config) -> float:
+    """What an hour of one trial costs a budget: its workers' rate (:attr:`ResourcesConfig.
+    hourly_rate`) times its few-shot draws, which train side by side, each with workers of its
+    own. Where the cluster queues some draws this is an upper bound: a budget is never overrun."""
+    return cfg.resources.hourly_rate * cfg.train.repeats
+
+
 def check_budget(cfg: Config) -> None:
     """A budget must pay for at least a minute of one trial's workers: a trial's start-up alone
     (Ray's worker group, the model, the data) takes about that long."""
     if cfg.search.budget is None:
         return
-    hourly = cfg.resources.hourly_rate
+    hourly = trial_rate(cfg)
     minutes = 60 * cfg.search.budget.worker_hours / hourly
     unit = "GPU" if cfg.resources.gpus_per_worker > 0 else "worker"
     _check(minutes >= 1, cfg.source, "search.budget.worker_hours", cfg.search.budget.worker_hours,

@@ -27,6 +27,7 @@ from flyp_ray.config import (
     did_you_mean,
     objectives,
     planned_epochs,
+    trial_rate,
 )
 from flyp_ray.data.base import DataFacts
 from flyp_ray.errors import ConfigError
@@ -96,7 +97,7 @@ def check_searches(cfgs: Sequence[Config], budget_hours: float | None) -> list[C
         report(c)
     if budget_hours is None:
         return list(cfgs)
-    work = [training_images(cfg, c.facts) * planned_epochs(cfg.train) * cfg.resources.hourly_rate
+    work = [training_images(cfg, c.facts) * planned_epochs(cfg.train) * trial_rate(cfg)
             for cfg, c in zip(cfgs, checked, strict=True)]
     shared = []
     for cfg, share in zip(cfgs, budget.split(budget_hours, work), strict=True):

@@ -1,7 +1,8 @@
 """Budgets: a search stops starting trials once it has spent ``search.budget.worker_hours``.
 
 What a trial spends is its running time (Tune's ``time_total_s``) times its rate: the GPUs of its
-worker group when workers have GPUs (GPU-hours), else its number of workers (worker-hours).
+worker group when workers have GPUs (GPU-hours), else its number of workers (worker-hours), times
+its few-shot draws (``train.repeats``: each trains side by side with a worker group of its own).
 Once the spent total reaches the budget, the searcher says it is finished, so no trial starts;
 running trials finish their rung: with ASHA they stop at the next rung they reach (a result
 there is one the search can use), without a scheduler they run to the end. Re-checks start only
@@ -21,14 +22,14 @@ from typing import Any
 import ray.tune
 from ray.tune.search import Searcher
 
-from flyp_ray.config import Config, planned_epochs
+from flyp_ray.config import Config, planned_epochs, trial_rate
 
 log = logging.getLogger(__name__)
 
 
 def spent(cfg: Config, seconds: Iterable[float]) -> float:
     """Worker-hours (GPU-hours) of trials that ran ``seconds`` each at ``cfg``'s rate."""
-    return hours(cfg.resources.hourly_rate, seconds)
+    return hours(trial_rate(cfg), seconds)
 
 
 def hours(hourly_rate: float, seconds: Iterable[float]) -> float:

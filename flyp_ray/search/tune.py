@@ -46,6 +46,7 @@ from flyp_ray.config import (
     last_best,
     objectives,
     planned_epochs,
+    trial_rate,
     with_train,
 )
 from flyp_ray.distributed import orphans, trainer, verbosity
@@ -250,7 +251,7 @@ def build_tuner(cfg: Config, search: Search, parent_run_id: str,
     searcher: Searcher = space.searcher(cfg, study_name=search.name, points=points)
     stopper = None
     if cfg.search.budget is not None:
-        ledger = budget.Ledger(cfg.search.budget.worker_hours, cfg.resources.hourly_rate)
+        ledger = budget.Ledger(cfg.search.budget.worker_hours, trial_rate(cfg))
         searcher = budget.BudgetSearcher(searcher, ledger)
         stopper = budget.StopAtRung(ledger, budget.rungs(cfg))
     tune_config = ray.tune.TuneConfig(

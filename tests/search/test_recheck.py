@@ -121,6 +121,17 @@ def test_a_budget_too_small_for_one_trial_is_refused(tmp_path: Path) -> None:
         config.load(write_config(tmp_path / "c.yaml", raw))
 
 
+def test_a_trial_of_draws_costs_every_draws_workers(tmp_path: Path) -> None:
+    # Three draws train side by side, each with its own worker: three workers for the trial.
+    raw = tiny_config(tmp_path, train={"k_shot": 2, "repeats": 3},
+                      search={"budget": {"worker_hours": 0.03}})
+    with pytest.raises(ConfigError, match=r"is 0.6 minutes of one trial's 3 worker\(s\)"):
+        config.load(write_config(tmp_path / "c.yaml", raw))
+    raw["search"]["budget"]["worker_hours"] = 0.1
+    cfg = config.load(write_config(tmp_path / "c.yaml", raw))
+    assert budget.spent(cfg, [600.0, 600.0]) == pytest.approx(1.0)  # 20 minutes x 3 workers
+
+
 def test_ledger_restores_in_place_and_stops_at_rungs(tmp_path: Path) -> None:
     cfg = config.load(write_config(tmp_path / "c.yaml", tiny_config(
         tmp_path, train={"epochs": 9},
