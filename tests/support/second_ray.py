@@ -23,6 +23,7 @@ from pathlib import Path
 
 import requests
 from ray._common.utils import get_ray_address_file
+from ray.train.v2.api.callback import UserCallback
 
 from tests.support.servers import agent_port_flags, free_port
 
@@ -107,3 +108,23 @@ def _stop(head: subprocess.Popen[bytes]) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(head.pid, signal.SIGKILL)
     head.wait(timeout=10)
+
+
+class HoldAfterFirstReport(UserCallback):  # type: ignore[misc]
+    """A Train run's callback (it runs in the run's controller): after the first report, the
+    run waits until ``flag`` exists, then ``hold_s`` more, before it goes on.
+
+    So a run on a fast machine cannot end before a second instance started mid-run answers;
+    the cleaners poll once a second, and ``hold_s`` gives them several polls.
+    """
+
+    def __init__(self, flag: Path, hold_s: float, timeout_s: float = 180) -> None:
+        self.flag, self.hold_s, self.timeout_s = flag, hold_s, timeout_s
+        self.held = False
+
+    def after_report(self, run_context: object, metrics: list[dict[str, object]],
+                     checkpoint: object) -> None:
+        if not self.held:
+            self.held = True
+            wait_until(self.flag.exists, self.timeout_s)
+            time.sleep(self.hold_s)
