@@ -21,7 +21,7 @@ from flyp_ray.distributed import draws
 from flyp_ray.search import tune
 from flyp_ray.tracking import runs
 from tests.support.configs import tiny_config, write_config
-from tests.support.processes import train_workers
+from tests.support.processes import held_groups, train_workers
 
 EPOCHS = 3
 
@@ -144,6 +144,7 @@ def test_asha_stops_a_trial_of_draws_and_its_draws_end_with_it(
     # still lived, its Train runs restarted their workers in new groups, which stayed reserved.
     cfg = draws_config(tmp_path, 1, num_samples=2, seed=2, metric="train/lr", mode="max",
                        scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 3})
+    held_before = held_groups()  # the session's Ray is shared with the file's other tests
     summary = tune.run_search(cfg)
     assert summary["num_completed"] == 2 and summary["num_failed"] == 0  # stopped: complete
     frames = ray.tune.ExperimentAnalysis(summary["search_path"]).trial_dataframes
@@ -160,8 +161,7 @@ def test_asha_stops_a_trial_of_draws_and_its_draws_end_with_it(
     assert sorted(r.data.tags[draws.DRAW_TAG] for r in its_draws) == ["0", "1"]
     assert {r.info.status for r in its_draws} == {"FINISHED"}
     # Its draws' workers and placement groups went with it.
-    assert [g for g in ray.util.placement_group_table().values()
-            if g["state"] == "CREATED"] == []
+    assert held_groups() - held_before == set()
     its_workers = {pid for pid, lines in draw_workers().items()
                    if any(line.startswith(f"{stopped}-draw") for line in lines)}
     assert len(its_workers) == 2

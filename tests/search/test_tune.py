@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import ray.util
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
@@ -28,6 +27,7 @@ from flyp_ray.errors import BadInput
 from flyp_ray.search import tune, tune_row
 from flyp_ray.tracking import runs
 from tests.support.configs import LR_SPACE, tiny_config, write_config
+from tests.support.processes import held_groups
 
 pytestmark = pytest.mark.slow
 
@@ -79,10 +79,10 @@ def test_search_with_asha_tracks_parent_and_trials(ray_session: None, mlflow_ser
     # A real tracking server on 127.0.0.1, and a registered model at the end.
     cfg = config.load(path, [f"tracking.uri={mlflow_server}", "tracking.experiment=test",
                              "tracking.registered_model=flyp-test"])
+    held_before = held_groups()
     with caplog.at_level(logging.INFO, logger="flyp_ray.search.trial_lines"):
         summary = tune.run_search(cfg)
-    held = [g for g in ray.util.placement_group_table().values() if g["state"] == "CREATED"]
-    assert held == []
+    assert held_groups() - held_before == set()
 
     search_dir = tmp_path / "results" / "search-iwildcam"
     assert json.loads((search_dir / "summary.json").read_text()) == summary

@@ -46,3 +46,15 @@ def train_workers() -> list[int]:
         if command.startswith(b"ray::RayTrainWorker"):
             pids.append(pid)
     return pids
+
+
+def held_groups() -> set[str]:
+    """The ids of the placement groups that hold resources in the connected Ray now.
+
+    The session's Ray is shared by a file's tests: a test compares this before and after, so
+    that what it checks is what it started.
+    """
+    import ray.util
+
+    return {g["placement_group_id"] for g in ray.util.placement_group_table().values()
+            if g["state"] == "CREATED"}
